@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <utility>
 
 #include "fabric/status.h"
 
@@ -65,6 +66,11 @@ class MappedMemory final {
   std::span<std::byte> span() const { return {addr_, size_}; }
   bool valid() const { return addr_ != nullptr; }
   void Reset();
+  // Gives up ownership without unmapping; returns the address.
+  std::byte* Release() {
+    size_ = 0;
+    return std::exchange(addr_, nullptr);
+  }
 
  private:
   std::byte* addr_ = nullptr;

@@ -1,0 +1,593 @@
+#include "uffd/mapping.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <spdlog/spdlog.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace mf::uffd {
+namespace {
+
+constexpr size_t kMessageBatch = 64;
+constexpr size_t kScanRegions = 512;
+
+}  // namespace
+
+std::string_view WriteTrackingName(WriteTracking t) {
+  switch (t) {
+    case WriteTracking::kAuto: return "auto";
+    case WriteTracking::kAsync: return "async-wp";
+    case WriteTracking::kSync: return "sync-wp";
+    case WriteTracking::kOff: return "off";
+  }
+  return "?";
+}
+
+class Mapping::PullDone final : public fabric::IoCallback {
+ public:
+  explicit PullDone(Mapping* m) : m_(m) {}
+  void OnIoComplete(uint64_t cookie, const Status& status) override { m_->OnPullDone(cookie, status); }
+
+ private:
+  Mapping* m_;
+};
+
+class Mapping::PushDone final : public fabric::IoCallback {
+ public:
+  explicit PushDone(Mapping* m) : m_(m) {}
+  void OnIoComplete(uint64_t cookie, const Status& status) override { m_->OnPushDone(cookie, status); }
+
+ private:
+  Mapping* m_;
+};
+
+Mapping::Mapping(fabric::Remote& remote, const MappingOptions& options)
+    : remote_(remote),
+      options_(options),
+      size_(remote.size()),
+      chunk_size_(options.chunk_size),
+      chunks_((remote.size() + options.chunk_size - 1) / options.chunk_size) {}
+
+Result<std::unique_ptr<Mapping>> Mapping::Create(fabric::Remote& remote, const MappingOptions& options) {
+  if (!IsPowerOfTwo(options.chunk_size) || options.chunk_size < kMinChunkSize || options.chunk_size > kMaxChunkSize) {
+    return InvalidArgument("chunk size " + std::to_string(options.chunk_size) +
+                           " must be a power of two from 4 KiB to 2 MiB");
+  }
+  if (options.chunk_size > remote.max_transfer()) {
+    return InvalidArgument("chunk size exceeds the transport's largest transfer of " +
+                           std::to_string(remote.max_transfer()));
+  }
+  if (remote.size() == 0 || remote.size() % kPageSize != 0) {
+    return InvalidArgument("region size must be a non-zero multiple of 4 KiB");
+  }
+  if (options.fault_depth == 0 || options.push_depth == 0 || (options.prefetch && options.prefetch_depth == 0)) {
+    return InvalidArgument("fault, push and prefetch depths must be at least 1");
+  }
+  std::unique_ptr<Mapping> m(new Mapping(remote, options));
+  MF_RETURN_IF_ERROR(m->Init());
+  return m;
+}
+
+Status Mapping::Init() {
+  const bool writable = remote_.writable();
+  MF_ASSIGN_OR_RETURN(uint64_t available, Userfaultfd::AvailableFeatures());
+  tracking_ = options_.tracking;
+  if (!writable) {
+    tracking_ = WriteTracking::kOff;
+  } else if (tracking_ == WriteTracking::kOff) {
+    return InvalidArgument("write tracking may only be off for a read-only remote");
+  } else if (tracking_ == WriteTracking::kAuto) {
+    tracking_ = (available & UFFD_FEATURE_WP_ASYNC) != 0 ? WriteTracking::kAsync : WriteTracking::kSync;
+  }
+  if (tracking_ == WriteTracking::kAsync && (available & UFFD_FEATURE_WP_ASYNC) == 0) {
+    return Unsupported("this kernel has no asynchronous userfaultfd write-protect (needs Linux 6.7+); use sync tracking");
+  }
+  if (tracking_ != WriteTracking::kOff && (available & UFFD_FEATURE_PAGEFAULT_FLAG_WP) == 0) {
+    return Unsupported("this kernel has no userfaultfd write-protect (needs Linux 5.7+); map the region read-only");
+  }
+  uint64_t wanted = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_POISON;
+  // Without POISON, failing a chunk maps over it, which would block on our own UNMAP event.
+  if ((available & UFFD_FEATURE_POISON) != 0) wanted |= UFFD_FEATURE_EVENT_UNMAP;
+  if (tracking_ != WriteTracking::kOff) wanted |= UFFD_FEATURE_PAGEFAULT_FLAG_WP;
+  if (tracking_ == WriteTracking::kAsync) wanted |= UFFD_FEATURE_WP_ASYNC;
+  MF_ASSIGN_OR_RETURN(Userfaultfd uffd, Userfaultfd::Open(wanted));
+  uffd_.emplace(std::move(uffd));
+
+  if (tracking_ == WriteTracking::kAsync) {
+    pagemap_fd_.Reset(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
+    if (!pagemap_fd_) return Status::FromErrno(errno, "open /proc/self/pagemap");
+  }
+  wake_fd_.Reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!wake_fd_) return Status::FromErrno(errno, "eventfd");
+
+  const int prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
+  void* addr = ::mmap(nullptr, size_, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (addr == MAP_FAILED) return Status::FromErrno(errno, "mmap " + std::to_string(size_) + " bytes for the mapping");
+  memory_ = MappedMemory(addr, size_);
+  base_ = memory_.data();
+  // Children must not inherit a range whose faults only this process can serve; huge
+  // pages would defeat per-chunk installs.
+  (void)::madvise(base_, size_, MADV_DONTFORK);
+  (void)::madvise(base_, size_, MADV_NOHUGEPAGE);
+  uint64_t modes = UFFDIO_REGISTER_MODE_MISSING;
+  if (tracking_ != WriteTracking::kOff) modes |= UFFDIO_REGISTER_MODE_WP;
+  MF_RETURN_IF_ERROR(uffd_->Register(base_, size_, modes));
+
+  const size_t prefetch_slots = options_.prefetch ? options_.prefetch_depth : 0;
+  const size_t pull_slots = options_.fault_depth + prefetch_slots;
+  MF_ASSIGN_OR_RETURN(pull_buffer_, remote_.AllocateBuffer(pull_slots * chunk_size_));
+  pull_slots_.resize(pull_slots);
+  pull_done_ = std::make_unique<PullDone>(this);
+  push_done_ = std::make_unique<PushDone>(this);
+  {
+    MutexLock lock(mu_);
+    for (size_t i = 0; i < options_.fault_depth; ++i) free_fault_slots_.push_back(i);
+    for (size_t i = options_.fault_depth; i < pull_slots; ++i) free_prefetch_slots_.push_back(i);
+  }
+  if (writable) {
+    MF_ASSIGN_OR_RETURN(push_buffer_, remote_.AllocateBuffer(options_.push_depth * chunk_size_));
+    MutexLock lock(push_mu_);
+    push_slot_chunk_.resize(options_.push_depth);
+    for (size_t i = 0; i < options_.push_depth; ++i) free_push_slots_.push_back(i);
+  }
+
+  fault_thread_ = std::thread([this] { FaultLoop(); });
+  if (options_.prefetch) prefetch_thread_ = std::thread([this] { PrefetchLoop(); });
+  if (writable && options_.sync_interval.count() > 0) sync_thread_ = std::thread([this] { SyncLoop(); });
+  spdlog::debug("uffd mapping of '{}': {} bytes at {}, chunk {}, tracking {}, prefetch {}", remote_.info().name,
+                size_, static_cast<void*>(base_), chunk_size_, WriteTrackingName(tracking_), options_.prefetch);
+  return Status::Ok();
+}
+
+Mapping::~Mapping() { (void)Close(); }
+
+size_t Mapping::ChunkLength(uint64_t chunk) const {
+  const uint64_t offset = chunk * chunk_size_;
+  return static_cast<size_t>(std::min<uint64_t>(chunk_size_, size_ - offset));
+}
+
+void Mapping::Notify() {
+  uint64_t one = 1;
+  (void)!::write(wake_fd_.get(), &one, sizeof(one));
+}
+
+void Mapping::FaultLoop() {
+  uffd_msg messages[kMessageBatch];
+  pollfd fds[2] = {{uffd_->fd(), POLLIN, 0}, {wake_fd_.get(), POLLIN, 0}};
+  for (;;) {
+    if (::poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      spdlog::error("uffd mapping: poll failed: {}", std::strerror(errno));
+      return;
+    }
+    if ((fds[1].revents & POLLIN) != 0) {
+      uint64_t count = 0;
+      (void)!::read(wake_fd_.get(), &count, sizeof(count));
+    }
+    // Faults that waited for a slot go first.
+    for (;;) {
+      uint64_t chunk = 0;
+      size_t slot = 0;
+      {
+        MutexLock lock(mu_);
+        if (stopping_) return;
+        if (pending_faults_.empty() || free_fault_slots_.empty()) break;
+        chunk = pending_faults_.front();
+        pending_faults_.pop_front();
+        slot = free_fault_slots_.back();
+        free_fault_slots_.pop_back();
+      }
+      StartPull(chunk, slot, false);
+    }
+    if ((fds[0].revents & (POLLIN | POLLERR)) == 0) continue;
+    auto n = uffd_->ReadMessages(messages);
+    if (!n.ok()) {
+      spdlog::error("uffd mapping: {}", n.status().ToString());
+      return;
+    }
+    for (size_t i = 0; i < *n; ++i) {
+      const uffd_msg& msg = messages[i];
+      switch (msg.event) {
+        case UFFD_EVENT_PAGEFAULT:
+          if ((msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0) {
+            HandleWriteProtect(msg.arg.pagefault.address);
+          } else {
+            HandleMissing(msg.arg.pagefault.address);
+          }
+          break;
+        case UFFD_EVENT_REMOVE: HandleRemove(msg.arg.remove.start, msg.arg.remove.end); break;
+        case UFFD_EVENT_UNMAP: HandleUnmap(msg.arg.remove.start, msg.arg.remove.end); break;
+        case UFFD_EVENT_REMAP:
+          spdlog::error("uffd mapping of '{}' was moved with mremap, which is not supported; accesses at the new "
+                        "address will get SIGBUS",
+                        remote_.info().name);
+          HandleUnmap(msg.arg.remap.from, msg.arg.remap.from + msg.arg.remap.len);
+          break;
+        default: break;
+      }
+    }
+  }
+}
+
+void Mapping::HandleMissing(uint64_t address) {
+  counters_.faults.fetch_add(1, std::memory_order_relaxed);
+  const auto base = reinterpret_cast<uint64_t>(base_);
+  if (address < base || address >= base + size_) {
+    // A fault on a range moved away by mremap: it cannot be served.
+    void* page = reinterpret_cast<void*>(address & ~uint64_t{kPageSize - 1});
+    if (!uffd_->Poison(page, kPageSize).ok()) (void)uffd_->Wake(page, kPageSize);
+    return;
+  }
+  const uint64_t chunk = (address - base) / chunk_size_;
+  switch (chunks_.state(chunk)) {
+    case fabric::ChunkState::kRemote: {
+      if (!chunks_.TryClaim(chunk)) return;  // prefetch claimed it: its install wakes us
+      size_t slot = 0;
+      {
+        MutexLock lock(mu_);
+        if (free_fault_slots_.empty()) {
+          pending_faults_.push_back(chunk);
+          return;
+        }
+        slot = free_fault_slots_.back();
+        free_fault_slots_.pop_back();
+      }
+      StartPull(chunk, slot, false);
+      return;
+    }
+    case fabric::ChunkState::kInFlight: return;  // the install wakes every waiter
+    case fabric::ChunkState::kLocal: {
+      // Either the chunk was installed between the fault and now (wake the waiter), or
+      // its pages went away under a pull that was still in flight (pull it again).
+      void* page = reinterpret_cast<void*>(address & ~uint64_t{kPageSize - 1});
+      unsigned char resident = 0;
+      if (::mincore(page, kPageSize, &resident) == 0 && (resident & 1) == 0 &&
+          chunks_.Transition(chunk, fabric::ChunkState::kLocal, fabric::ChunkState::kRemote)) {
+        HandleMissing(address);
+        return;
+      }
+      (void)uffd_->Wake(ChunkAddress(chunk), ChunkLength(chunk));
+      return;
+    }
+    case fabric::ChunkState::kFailed: FailChunk(chunk); return;
+  }
+}
+
+void Mapping::HandleWriteProtect(uint64_t address) {
+  counters_.wp_faults.fetch_add(1, std::memory_order_relaxed);
+  const auto base = reinterpret_cast<uint64_t>(base_);
+  const uint64_t chunk = (address - base) / chunk_size_;
+  MutexLock lock(stripes_[chunk % kLockStripes]);
+  chunks_.SetDirty(chunk, true);
+  Status s = uffd_->WriteProtect(ChunkAddress(chunk), ChunkLength(chunk), false);
+  if (!s.ok()) spdlog::error("uffd mapping: unprotect chunk {}: {}", chunk, s.ToString());
+}
+
+void Mapping::HandleRemove(uint64_t start, uint64_t end) {
+  const auto base = reinterpret_cast<uint64_t>(base_);
+  start = std::max(start, base);
+  end = std::min(end, base + size_);
+  if (start >= end) return;
+  for (uint64_t c = (start - base) / chunk_size_; c <= (end - 1 - base) / chunk_size_; ++c) {
+    // The pages are gone: the next touch pulls them again. Pages of the chunk outside the
+    // range stay, and the re-pull skips them.
+    chunks_.Transition(c, fabric::ChunkState::kLocal, fabric::ChunkState::kRemote);
+  }
+}
+
+void Mapping::HandleUnmap(uint64_t start, uint64_t end) {
+  const auto base = reinterpret_cast<uint64_t>(base_);
+  start = std::max(start, base);
+  end = std::min(end, base + size_);
+  if (start >= end) return;
+  spdlog::warn("uffd mapping of '{}': [{:#x}, {:#x}) was unmapped by the program", remote_.info().name, start, end);
+  MutexLock lock(mu_);
+  unmapped_.emplace_back(start, end);
+}
+
+void Mapping::PrefetchLoop() {
+  std::vector<bool> listed;
+  std::vector<uint64_t> order = options_.prefetch_order;
+  listed.resize(chunks_.size());
+  for (uint64_t c : order) {
+    if (c < listed.size()) listed[c] = true;
+  }
+  order.erase(std::remove_if(order.begin(), order.end(), [&](uint64_t c) { return c >= listed.size(); }),
+              order.end());
+  for (uint64_t c = 0; c < chunks_.size(); ++c) {
+    if (!listed[c]) order.push_back(c);
+  }
+  for (uint64_t chunk : order) {
+    if (chunks_.state(chunk) != fabric::ChunkState::kRemote) continue;
+    size_t slot = 0;
+    {
+      MutexLock lock(mu_);
+      cv_.wait(mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS {
+        return stopping_ || !prefetch_error_.ok() || !free_prefetch_slots_.empty();
+      });
+      if (stopping_ || !prefetch_error_.ok()) return;
+      slot = free_prefetch_slots_.back();
+      free_prefetch_slots_.pop_back();
+    }
+    if (!chunks_.TryClaim(chunk)) {
+      MutexLock lock(mu_);
+      free_prefetch_slots_.push_back(slot);
+      continue;
+    }
+    StartPull(chunk, slot, true);
+  }
+}
+
+void Mapping::StartPull(uint64_t chunk, size_t slot, bool prefetch) {
+  pull_slots_[slot] = PullSlot{chunk, prefetch};
+  fabric::IoRequest request{fabric::IoKind::kRead,
+                            chunk * chunk_size_,
+                            pull_buffer_.span().subspan(slot * chunk_size_, ChunkLength(chunk)),
+                            &pull_buffer_,
+                            pull_done_.get(),
+                            slot};
+  remote_.Submit({&request, 1});
+}
+
+void Mapping::OnPullDone(size_t slot, const Status& status) {
+  const PullSlot ps = pull_slots_[slot];
+  const size_t len = ChunkLength(ps.chunk);
+  std::byte* addr = ChunkAddress(ps.chunk);
+  if (status.ok()) {
+    Status copied = uffd_->Copy(addr, pull_buffer_.data() + slot * chunk_size_, len,
+                                tracking_ != WriteTracking::kOff);
+    if (copied.ok()) {
+      chunks_.Set(ps.chunk, fabric::ChunkState::kLocal);
+      (ps.prefetch ? counters_.prefetches : counters_.pulls).fetch_add(1, std::memory_order_relaxed);
+      counters_.bytes_pulled.fetch_add(len, std::memory_order_relaxed);
+    } else {
+      // ENOENT/ESRCH: the range or the process is going away; nothing waits any more.
+      spdlog::warn("uffd mapping: install chunk {}: {}", ps.chunk, copied.ToString());
+      chunks_.Set(ps.chunk, fabric::ChunkState::kRemote);
+    }
+  } else if (ps.prefetch) {
+    // Give the chunk back; anyone who faulted on it meanwhile retries as a fault pull.
+    chunks_.Set(ps.chunk, fabric::ChunkState::kRemote);
+    (void)uffd_->Wake(addr, len);
+    MutexLock lock(mu_);
+    if (prefetch_error_.ok() && !stopping_) {
+      spdlog::warn("uffd mapping of '{}': prefetch stopped: {}", remote_.info().name, status.ToString());
+      prefetch_error_ = status;
+    }
+  } else {
+    counters_.failed_pulls.fetch_add(1, std::memory_order_relaxed);
+    spdlog::error("uffd mapping of '{}': cannot pull chunk {} (offset {}): {}; the faulting thread gets SIGBUS",
+                  remote_.info().name, ps.chunk, ps.chunk * chunk_size_, status.ToString());
+    chunks_.Set(ps.chunk, fabric::ChunkState::kFailed);
+    FailChunk(ps.chunk);
+  }
+  bool wake_fault_thread = false;
+  {
+    MutexLock lock(mu_);
+    if (ps.prefetch) {
+      free_prefetch_slots_.push_back(slot);
+    } else {
+      free_fault_slots_.push_back(slot);
+      wake_fault_thread = !pending_faults_.empty();
+    }
+  }
+  cv_.notify_all();
+  if (wake_fault_thread) Notify();
+}
+
+void Mapping::FailChunk(uint64_t chunk) {
+  std::byte* addr = ChunkAddress(chunk);
+  const size_t len = ChunkLength(chunk);
+  if (uffd_->has(UFFD_FEATURE_POISON)) {
+    Status s = uffd_->Poison(addr, len);
+    if (s.ok()) return;
+    spdlog::error("uffd mapping: poison chunk {}: {}", chunk, s.ToString());
+  }
+  // Older kernels: an empty file mapped over the chunk makes every access SIGBUS.
+  UniqueFd empty(::memfd_create("memfabric-failed-chunk", MFD_CLOEXEC));
+  if (!empty || ::mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, empty.get(), 0) == MAP_FAILED) {
+    spdlog::error("uffd mapping: cannot fail chunk {}: {}", chunk, std::strerror(errno));
+  }
+  (void)uffd_->Wake(addr, len);
+}
+
+void Mapping::OnPushDone(size_t slot, const Status& status) {
+  MutexLock lock(push_mu_);
+  const uint64_t chunk = push_slot_chunk_[slot];
+  if (status.ok()) {
+    counters_.pushes.fetch_add(1, std::memory_order_relaxed);
+    counters_.bytes_pushed.fetch_add(ChunkLength(chunk), std::memory_order_relaxed);
+  } else {
+    chunks_.SetDirty(chunk, true);  // keep it for the next Sync
+    if (push_error_.ok()) push_error_ = status;
+  }
+  free_push_slots_.push_back(slot);
+  push_cv_.notify_all();
+}
+
+Status Mapping::ScanWritten() {
+  pm_scan_arg arg{};
+  page_region regions[kScanRegions];
+  const auto base = reinterpret_cast<uint64_t>(base_);
+  uint64_t start = base;
+  const uint64_t end = base + size_;
+  while (start < end) {
+    arg = pm_scan_arg{};
+    arg.size = sizeof(arg);
+    arg.flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC;
+    arg.start = start;
+    arg.end = end;
+    arg.vec = reinterpret_cast<uint64_t>(regions);
+    arg.vec_len = kScanRegions;
+    // Unpopulated pages carry no WP bit and so count as "written": only present or
+    // swapped pages can hold writes.
+    arg.category_mask = PAGE_IS_WRITTEN;
+    arg.category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+    arg.return_mask = PAGE_IS_WRITTEN;
+    int n = ::ioctl(pagemap_fd_.get(), PAGEMAP_SCAN, &arg);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Status::FromErrno(errno, "PAGEMAP_SCAN");
+    }
+    for (int i = 0; i < n; ++i) {
+      for (uint64_t c = (regions[i].start - base) / chunk_size_; c <= (regions[i].end - 1 - base) / chunk_size_; ++c) {
+        chunks_.SetDirty(c, true);
+      }
+    }
+    if (arg.walk_end <= start) break;
+    start = arg.walk_end;
+  }
+  return Status::Ok();
+}
+
+Status Mapping::Sync() {
+  if (tracking_ == WriteTracking::kOff) return Status::Ok();
+  MutexLock sync_lock(sync_mu_);
+  if (tracking_ == WriteTracking::kAsync) MF_RETURN_IF_ERROR(ScanWritten());
+  {
+    MutexLock lock(push_mu_);
+    push_error_ = Status::Ok();
+  }
+  for (uint64_t chunk = 0; chunk < chunks_.size(); ++chunk) {
+    if (!chunks_.dirty(chunk)) continue;
+    size_t slot = 0;
+    {
+      MutexLock lock(push_mu_);
+      push_cv_.wait(push_mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return !free_push_slots_.empty(); });
+      slot = free_push_slots_.back();
+      free_push_slots_.pop_back();
+      push_slot_chunk_[slot] = chunk;
+    }
+    std::byte* addr = ChunkAddress(chunk);
+    const size_t len = ChunkLength(chunk);
+    if (tracking_ == WriteTracking::kSync) {
+      // Clear, then protect, then copy: a write after the protect faults and re-dirties;
+      // a write before it is in the copy.
+      MutexLock lock(stripes_[chunk % kLockStripes]);
+      chunks_.SetDirty(chunk, false);
+      Status s = uffd_->WriteProtect(addr, len, true);
+      if (!s.ok()) {
+        chunks_.SetDirty(chunk, true);
+        OnPushDone(slot, s);
+        continue;
+      }
+    } else {
+      chunks_.SetDirty(chunk, false);  // ScanWritten protected it again
+    }
+    std::byte* staged = push_buffer_.data() + slot * chunk_size_;
+    std::memcpy(staged, addr, len);
+    fabric::IoRequest request{fabric::IoKind::kWrite, chunk * chunk_size_, {staged, len}, &push_buffer_,
+                              push_done_.get(), slot};
+    remote_.Submit({&request, 1});
+  }
+  Status result;
+  {
+    MutexLock lock(push_mu_);
+    push_cv_.wait(push_mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS {
+      return free_push_slots_.size() == options_.push_depth;
+    });
+    result = push_error_;
+  }
+  if (!result.ok()) return result.WithContext("sync of '" + remote_.info().name + "'");
+  return remote_.Flush();
+}
+
+void Mapping::SyncLoop() {
+  for (;;) {
+    {
+      MutexLock lock(mu_);
+      cv_.wait_for(mu_, options_.sync_interval, [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return stopping_; });
+      if (stopping_) return;
+    }
+    Status s = Sync();
+    if (!s.ok()) spdlog::warn("periodic {}", s.ToString());
+  }
+}
+
+Status Mapping::WaitPrefetched(std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  MutexLock lock(mu_);
+  for (;;) {
+    if (chunks_.local_count() == chunks_.size()) return Status::Ok();
+    if (!prefetch_error_.ok()) return prefetch_error_;
+    if (!options_.prefetch) return Status(Code::kInvalidArgument, "prefetch is off");
+    if (cv_.wait_until(mu_, deadline) == std::cv_status::timeout) {
+      if (chunks_.local_count() == chunks_.size()) return Status::Ok();
+      return Status(Code::kTimeout, "prefetch did not finish in time");
+    }
+  }
+}
+
+Status Mapping::Close() {
+  {
+    MutexLock lock(mu_);
+    if (closed_) return Status::Ok();
+    closed_ = true;
+  }
+  Status result;
+  if (base_ != nullptr && tracking_ != WriteTracking::kOff) result = Sync();
+  {
+    MutexLock lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (wake_fd_) Notify();
+  if (prefetch_thread_.joinable()) prefetch_thread_.join();
+  if (sync_thread_.joinable()) sync_thread_.join();
+  if (fault_thread_.joinable()) fault_thread_.join();
+  // Pulls still in flight complete into our buffers: wait for their slots.
+  {
+    MutexLock lock(mu_);
+    const size_t all = pull_slots_.size();
+    cv_.wait(mu_, [&]() MF_NO_THREAD_SAFETY_ANALYSIS {
+      return free_fault_slots_.size() + free_prefetch_slots_.size() == all;
+    });
+  }
+  if (base_ != nullptr) {
+    (void)uffd_->Unregister(base_, size_);
+    std::vector<std::pair<uint64_t, uint64_t>> gone;
+    {
+      MutexLock lock(mu_);
+      gone = unmapped_;
+    }
+    if (gone.empty()) {
+      memory_.Reset();
+    } else {
+      // Unmap only what the program left mapped: something else may live in the holes.
+      std::sort(gone.begin(), gone.end());
+      uint64_t cursor = reinterpret_cast<uint64_t>(base_);
+      const uint64_t end = cursor + size_;
+      for (const auto& [s, e] : gone) {
+        if (s > cursor) ::munmap(reinterpret_cast<void*>(cursor), s - cursor);
+        cursor = std::max(cursor, e);
+      }
+      if (cursor < end) ::munmap(reinterpret_cast<void*>(cursor), end - cursor);
+      (void)memory_.Release();
+    }
+    base_ = nullptr;
+  }
+  return result;
+}
+
+MappingStats Mapping::stats() const {
+  MappingStats s;
+  s.faults = counters_.faults.load();
+  s.wp_faults = counters_.wp_faults.load();
+  s.pulls = counters_.pulls.load();
+  s.prefetches = counters_.prefetches.load();
+  s.bytes_pulled = counters_.bytes_pulled.load();
+  s.pushes = counters_.pushes.load();
+  s.bytes_pushed = counters_.bytes_pushed.load();
+  s.failed_pulls = counters_.failed_pulls.load();
+  s.chunks = chunks_.size();
+  s.local_chunks = chunks_.local_count();
+  s.dirty_chunks = chunks_.dirty_count();
+  return s;
+}
+
+}  // namespace mf::uffd

@@ -1,0 +1,193 @@
+// uffd::Mapping — a remote region as a range of this process's address space.
+//
+// The range is reserved with mmap and registered with userfaultfd. First touch of a page
+// faults; a handler thread pulls the containing chunk over the Remote into a staging
+// Buffer and installs it with UFFDIO_COPY (concurrent faults on one chunk wait for one
+// pull). A prefetch thread pulls ahead in sequential or caller-given order; faults use
+// their own staging slots, so they never wait behind prefetch.
+//
+// Writes are tracked per chunk with userfaultfd write-protect: asynchronous WP plus
+// PAGEMAP_SCAN where the kernel has them (>= 6.7), synchronous WP faults otherwise. Sync()
+// pushes dirty chunks and re-protects them; an optional interval syncs in the background;
+// Close() syncs a last time. A read-only Remote gives a PROT_READ mapping.
+//
+// Failure: a chunk that cannot be pulled (server gone past the transport's timeout)
+// delivers SIGBUS to the faulting thread (UFFDIO_POISON, or an empty memfd mapped over the
+// chunk on older kernels), never a hang. Sync() returns the error and keeps the dirty set.
+//
+// Kernel events: MADV_DONTNEED/REMOVE drops the local copy of the pages (the next touch
+// pulls them again; writes not yet synced there are discarded, as with any mapping).
+// munmap of part of the range is noticed (Close does not unmap it twice); mremap is
+// refused (accesses at the new address get SIGBUS); children do not inherit the range
+// (MADV_DONTFORK).
+//
+// Thread-safety: data() may be used from any thread. Sync() and stats() are thread-safe.
+// Close() and the destructor must not race with other calls. The Remote must outlive the
+// Mapping.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "fabric/chunk_map.h"
+#include "fabric/remote.h"
+#include "fabric/thread_annotations.h"
+#include "uffd/userfaultfd.h"
+
+namespace mf::uffd {
+
+constexpr size_t kMinChunkSize = 4u << 10;
+constexpr size_t kMaxChunkSize = 2u << 20;
+constexpr size_t kDefaultChunkSize = 64u << 10;
+constexpr size_t kDefaultFaultDepth = 16;
+constexpr size_t kDefaultPrefetchDepth = 8;
+constexpr size_t kDefaultPushDepth = 16;
+constexpr size_t kLockStripes = 64;
+static_assert(IsPowerOfTwo(kMinChunkSize) && IsPowerOfTwo(kMaxChunkSize) && kMinChunkSize <= kMaxChunkSize);
+static_assert(kMinChunkSize % kPageSize == 0);
+
+enum class WriteTracking : uint8_t {
+  kAuto,   // async if the kernel has it, else sync
+  kAsync,  // UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN
+  kSync,   // a WP fault on the first write to each chunk after a sync
+  kOff,    // read-only mapping
+};
+std::string_view WriteTrackingName(WriteTracking t);
+
+struct MappingOptions {
+  size_t chunk_size = kDefaultChunkSize;  // power of two, 4 KiB .. 2 MiB
+  bool prefetch = true;
+  size_t prefetch_depth = kDefaultPrefetchDepth;  // prefetch pulls in flight
+  size_t fault_depth = kDefaultFaultDepth;        // fault pulls in flight
+  size_t push_depth = kDefaultPushDepth;          // pushes in flight during Sync
+  // Chunk indices in the order to prefetch them; chunks not listed follow in sequence.
+  // Empty: sequential.
+  std::vector<uint64_t> prefetch_order;
+  WriteTracking tracking = WriteTracking::kAuto;
+  std::chrono::milliseconds sync_interval{0};  // 0: only on Sync() and Close()
+};
+
+struct MappingStats {
+  uint64_t faults = 0;        // missing-page faults handled
+  uint64_t wp_faults = 0;     // first-write faults (sync tracking)
+  uint64_t pulls = 0;         // chunks pulled for a fault
+  uint64_t prefetches = 0;    // chunks pulled by prefetch
+  uint64_t bytes_pulled = 0;
+  uint64_t pushes = 0;        // chunks pushed
+  uint64_t bytes_pushed = 0;
+  uint64_t failed_pulls = 0;
+  uint64_t chunks = 0;
+  uint64_t local_chunks = 0;
+  uint64_t dirty_chunks = 0;
+};
+
+class Mapping {
+ public:
+  // Maps `remote` (which must outlive the Mapping). kInvalidArgument for a bad chunk
+  // size, kUnsupported when userfaultfd (or write-protect, for a writable remote) is
+  // missing.
+  static Result<std::unique_ptr<Mapping>> Create(fabric::Remote& remote, const MappingOptions& options);
+  ~Mapping();
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+
+  std::byte* data() const { return base_; }
+  size_t size() const { return size_; }
+  size_t chunk_size() const { return chunk_size_; }
+  WriteTracking tracking() const { return tracking_; }
+
+  // Pushes every chunk written since the last sync, then flushes the Remote. On success
+  // the server holds (durably) every write made before the call. On failure the chunks
+  // not pushed stay dirty, and a later Sync() retries them.
+  Status Sync() MF_EXCLUDES(sync_mu_);
+  // Blocks until every chunk is local, or the timeout passes (kTimeout), or prefetch
+  // stopped on an error (that error).
+  Status WaitPrefetched(std::chrono::milliseconds timeout) MF_EXCLUDES(mu_);
+  // Stops the threads, syncs (when writable), unregisters and unmaps. Idempotent; returns
+  // the final sync's status.
+  Status Close() MF_EXCLUDES(mu_, sync_mu_);
+  MappingStats stats() const;
+
+ private:
+  class PullDone;
+  class PushDone;
+  struct PullSlot {
+    uint64_t chunk = 0;
+    bool prefetch = false;
+  };
+
+  Mapping(fabric::Remote& remote, const MappingOptions& options);
+  Status Init();
+  size_t ChunkLength(uint64_t chunk) const;
+  std::byte* ChunkAddress(uint64_t chunk) const { return base_ + chunk * chunk_size_; }
+
+  void FaultLoop();
+  void HandleMissing(uint64_t address) MF_EXCLUDES(mu_);
+  void HandleWriteProtect(uint64_t address);
+  void HandleRemove(uint64_t start, uint64_t end);
+  void HandleUnmap(uint64_t start, uint64_t end) MF_EXCLUDES(mu_);
+  void PrefetchLoop() MF_EXCLUDES(mu_);
+  void SyncLoop() MF_EXCLUDES(mu_);
+  void StartPull(uint64_t chunk, size_t slot, bool prefetch);
+  void OnPullDone(size_t slot, const Status& status) MF_EXCLUDES(mu_);
+  void OnPushDone(size_t slot, const Status& status) MF_EXCLUDES(push_mu_);
+  // Makes later accesses to the chunk raise SIGBUS and wakes its waiters.
+  void FailChunk(uint64_t chunk);
+  Status ScanWritten();
+  void Notify();
+
+  fabric::Remote& remote_;
+  const MappingOptions options_;
+  const size_t size_;
+  const size_t chunk_size_;
+  WriteTracking tracking_ = WriteTracking::kOff;
+  fabric::ChunkMap chunks_;
+
+  std::optional<Userfaultfd> uffd_;
+  UniqueFd wake_fd_;     // eventfd: wakes the fault thread (pending faults, shutdown)
+  UniqueFd pagemap_fd_;  // /proc/self/pagemap, for PAGEMAP_SCAN
+  MappedMemory memory_;
+  std::byte* base_ = nullptr;
+  fabric::Buffer pull_buffer_;  // fault_depth + prefetch_depth slots of chunk_size
+  fabric::Buffer push_buffer_;  // push_depth slots of chunk_size
+  std::unique_ptr<PullDone> pull_done_;
+  std::unique_ptr<PushDone> push_done_;
+  std::vector<PullSlot> pull_slots_;
+  Mutex stripes_[kLockStripes];  // serialize a chunk's WP transitions (sync tracking)
+
+  mutable Mutex mu_;
+  std::condition_variable_any cv_;
+  std::vector<size_t> free_fault_slots_ MF_GUARDED_BY(mu_);
+  std::vector<size_t> free_prefetch_slots_ MF_GUARDED_BY(mu_);
+  std::deque<uint64_t> pending_faults_ MF_GUARDED_BY(mu_);  // chunks waiting for a slot
+  std::vector<std::pair<uint64_t, uint64_t>> unmapped_ MF_GUARDED_BY(mu_);
+  Status prefetch_error_ MF_GUARDED_BY(mu_);
+  bool stopping_ MF_GUARDED_BY(mu_) = false;
+  bool closed_ MF_GUARDED_BY(mu_) = false;
+
+  Mutex sync_mu_;  // one Sync at a time
+  Mutex push_mu_;
+  std::condition_variable_any push_cv_;
+  std::vector<size_t> free_push_slots_ MF_GUARDED_BY(push_mu_);
+  std::vector<uint64_t> push_slot_chunk_ MF_GUARDED_BY(push_mu_);
+  Status push_error_ MF_GUARDED_BY(push_mu_);
+
+  struct Counters {
+    std::atomic<uint64_t> faults{0}, wp_faults{0}, pulls{0}, prefetches{0}, bytes_pulled{0}, pushes{0},
+        bytes_pushed{0}, failed_pulls{0};
+  } counters_;
+
+  // Threads last: started after everything above exists, joined by Close().
+  std::thread fault_thread_;
+  std::thread prefetch_thread_;
+  std::thread sync_thread_;
+};
+
+}  // namespace mf::uffd

@@ -1,0 +1,130 @@
+#include "uffd/userfaultfd.h"
+
+#include <fcntl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace mf::uffd {
+namespace {
+
+constexpr char kDevice[] = "/dev/userfaultfd";
+constexpr unsigned long kIocNew = _IO(0xAA, 0x00);  // USERFAULTFD_IOC_NEW
+
+Result<UniqueFd> OpenRaw() {
+  int fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+  if (fd >= 0) return UniqueFd(fd);
+  int syscall_errno = errno;
+  UniqueFd dev(::open(kDevice, O_RDWR | O_CLOEXEC));
+  if (dev) {
+    fd = ::ioctl(dev.get(), kIocNew, O_CLOEXEC | O_NONBLOCK);
+    if (fd >= 0) return UniqueFd(fd);
+  }
+  return Status(Code::kUnsupported,
+                std::string("userfaultfd is not available (syscall: ") + std::strerror(syscall_errno) +
+                    "); as non-root set vm.unprivileged_userfaultfd=1 or grant access to " + kDevice,
+                syscall_errno);
+}
+
+Status Ioctl(int fd, unsigned long request, void* arg, const char* what) {
+  while (::ioctl(fd, request, arg) != 0) {
+    if (errno == EINTR) continue;
+    return Status::FromErrno(errno, what);
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<uint64_t> Userfaultfd::AvailableFeatures() {
+  MF_ASSIGN_OR_RETURN(UniqueFd fd, OpenRaw());
+  uffdio_api api{};
+  api.api = UFFD_API;
+  api.features = 0;
+  MF_RETURN_IF_ERROR(Ioctl(fd.get(), UFFDIO_API, &api, "UFFDIO_API"));
+  return static_cast<uint64_t>(api.features);
+}
+
+Result<Userfaultfd> Userfaultfd::Open(uint64_t wanted) {
+  MF_ASSIGN_OR_RETURN(uint64_t available, AvailableFeatures());
+  MF_ASSIGN_OR_RETURN(UniqueFd fd, OpenRaw());
+  uffdio_api api{};
+  api.api = UFFD_API;
+  api.features = wanted & available;
+  MF_RETURN_IF_ERROR(Ioctl(fd.get(), UFFDIO_API, &api, "UFFDIO_API"));
+  return Userfaultfd(std::move(fd), wanted & available);
+}
+
+Status Userfaultfd::Register(void* addr, size_t len, uint64_t modes) {
+  uffdio_register reg{};
+  reg.range.start = reinterpret_cast<uintptr_t>(addr);
+  reg.range.len = len;
+  reg.mode = modes;
+  return Ioctl(fd(), UFFDIO_REGISTER, &reg, "UFFDIO_REGISTER");
+}
+
+Status Userfaultfd::Unregister(void* addr, size_t len) {
+  uffdio_range range{reinterpret_cast<uintptr_t>(addr), len};
+  return Ioctl(fd(), UFFDIO_UNREGISTER, &range, "UFFDIO_UNREGISTER");
+}
+
+Status Userfaultfd::Copy(void* dst, const void* src, size_t len, bool write_protect) {
+  auto* d = static_cast<std::byte*>(dst);
+  const auto* s = static_cast<const std::byte*>(src);
+  size_t done = 0;
+  while (done < len) {
+    uffdio_copy copy{};
+    copy.dst = reinterpret_cast<uintptr_t>(d + done);
+    copy.src = reinterpret_cast<uintptr_t>(s + done);
+    copy.len = len - done;
+    copy.mode = write_protect ? UFFDIO_COPY_MODE_WP : 0;
+    if (::ioctl(fd(), UFFDIO_COPY, &copy) == 0) return Status::Ok();
+    int err = errno;
+    if (copy.copy > 0) done += static_cast<size_t>(copy.copy);  // partial progress
+    if (err == EINTR || err == EAGAIN) continue;
+    if (err == EEXIST) {
+      // The page at dst+done is present already (e.g. the range was partly populated):
+      // skip it and go on with the next one.
+      done = AlignUp(done + 1, kPageSize);
+      continue;
+    }
+    return Status::FromErrno(err, "UFFDIO_COPY");
+  }
+  return Wake(dst, len);  // waiters on skipped pages
+}
+
+Status Userfaultfd::WriteProtect(void* addr, size_t len, bool protect) {
+  uffdio_writeprotect wp{};
+  wp.range.start = reinterpret_cast<uintptr_t>(addr);
+  wp.range.len = len;
+  wp.mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0;
+  return Ioctl(fd(), UFFDIO_WRITEPROTECT, &wp, "UFFDIO_WRITEPROTECT");
+}
+
+Status Userfaultfd::Wake(void* addr, size_t len) {
+  uffdio_range range{reinterpret_cast<uintptr_t>(addr), len};
+  return Ioctl(fd(), UFFDIO_WAKE, &range, "UFFDIO_WAKE");
+}
+
+Status Userfaultfd::Poison(void* addr, size_t len) {
+  uffdio_poison poison{};
+  poison.range.start = reinterpret_cast<uintptr_t>(addr);
+  poison.range.len = len;
+  Status s = Ioctl(fd(), UFFDIO_POISON, &poison, "UFFDIO_POISON");
+  if (s.err() == EEXIST) return Wake(addr, len);  // some pages present: leave them
+  return s;
+}
+
+Result<size_t> Userfaultfd::ReadMessages(std::span<uffd_msg> out) {
+  for (;;) {
+    ssize_t n = ::read(fd(), out.data(), out.size_bytes());
+    if (n >= 0) return static_cast<size_t>(n) / sizeof(uffd_msg);
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN) return size_t{0};
+    return Status::FromErrno(errno, "read userfaultfd");
+  }
+}
+
+}  // namespace mf::uffd

@@ -1,0 +1,55 @@
+// uffd::Userfaultfd — a move-only owner of one userfaultfd, with the ioctls memfabric
+// uses, each returning Status. Opened with the syscall (falling back to /dev/userfaultfd),
+// non-blocking and close-on-exec; Open() asks for the wanted features and keeps the
+// subset the running kernel grants (see features()).
+//
+// Thread-safety: ioctls may be issued from any thread concurrently (the kernel
+// serializes what it must); the owner object is confined to one thread for move/close.
+#pragma once
+
+#include <linux/userfaultfd.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+#include "fabric/os.h"
+#include "fabric/status.h"
+#include "uffd/kernel_abi.h"
+
+namespace mf::uffd {
+
+class Userfaultfd final {
+ public:
+  // Opens a userfaultfd and negotiates `wanted` features; optional ones the kernel lacks
+  // are dropped, so check features(). kUnsupported when userfaultfd is unavailable.
+  static Result<Userfaultfd> Open(uint64_t wanted);
+  // Features the kernel offers (probed on a throwaway fd).
+  static Result<uint64_t> AvailableFeatures();
+
+  int fd() const { return fd_.get(); }
+  uint64_t features() const { return features_; }
+  bool has(uint64_t feature) const { return (features_ & feature) == feature; }
+
+  // UFFDIO_REGISTER of [addr, addr+len) with modes (UFFDIO_REGISTER_MODE_*).
+  Status Register(void* addr, size_t len, uint64_t modes);
+  Status Unregister(void* addr, size_t len);
+  // UFFDIO_COPY: installs len bytes from src at dst (page-aligned), write-protected when
+  // `write_protect`, waking waiters. Pages already present are skipped (EEXIST handled
+  // page by page), so a partly populated range still ends fully populated.
+  Status Copy(void* dst, const void* src, size_t len, bool write_protect);
+  // UFFDIO_WRITEPROTECT: protect (true) or unprotect-and-wake (false).
+  Status WriteProtect(void* addr, size_t len, bool protect);
+  Status Wake(void* addr, size_t len);
+  // UFFDIO_POISON (kernel >= 6.6): later accesses get SIGBUS; waiters are woken.
+  Status Poison(void* addr, size_t len);
+  // Reads up to out.size() messages; returns how many (0 when none are pending).
+  Result<size_t> ReadMessages(std::span<uffd_msg> out);
+
+ private:
+  Userfaultfd(UniqueFd fd, uint64_t features) : fd_(std::move(fd)), features_(features) {}
+  UniqueFd fd_;
+  uint64_t features_ = 0;
+};
+
+}  // namespace mf::uffd
