@@ -10,8 +10,8 @@ MemoryRegion::MemoryRegion(std::string name, uint64_t size) : bytes_(size) {
   info_.generation = 1;
 }
 
-MemoryRemote::MemoryRemote(std::shared_ptr<MemoryRegion> region, bool writable)
-    : region_(std::move(region)), writable_(writable), worker_([this] { Worker(); }) {}
+MemoryRemote::MemoryRemote(std::shared_ptr<MemoryRegion> region, bool writable, size_t max_transfer)
+    : region_(std::move(region)), writable_(writable), max_transfer_(max_transfer), worker_([this] { Worker(); }) {}
 
 MemoryRemote::~MemoryRemote() { (void)Close(); }
 

@@ -38,13 +38,14 @@ class MemoryRemote final : public Remote {
  public:
   static constexpr size_t kMaxTransfer = 4u << 20;
 
-  MemoryRemote(std::shared_ptr<MemoryRegion> region, bool writable);
+  // max_transfer: the largest request accepted, to exercise callers' splitting.
+  MemoryRemote(std::shared_ptr<MemoryRegion> region, bool writable, size_t max_transfer = kMaxTransfer);
   ~MemoryRemote() override;
 
   const RegionInfo& info() const override { return region_->info(); }
   bool writable() const override { return writable_; }
   std::string_view transport() const override { return "memory"; }
-  size_t max_transfer() const override { return kMaxTransfer; }
+  size_t max_transfer() const override { return max_transfer_; }
   Result<Buffer> AllocateBuffer(size_t size) override;
   void Submit(std::span<const IoRequest> requests) override MF_EXCLUDES(mu_);
   Status Flush() override;
@@ -62,6 +63,7 @@ class MemoryRemote final : public Remote {
 
   std::shared_ptr<MemoryRegion> region_;
   const bool writable_;
+  const size_t max_transfer_;
   std::atomic<int64_t> delay_us_{0};
   std::atomic<uint64_t> served_{0};
   Mutex mu_;

@@ -58,10 +58,6 @@ Result<std::unique_ptr<Mapping>> Mapping::Create(fabric::Remote& remote, const M
     return InvalidArgument("chunk size " + std::to_string(options.chunk_size) +
                            " must be a power of two from 4 KiB to 2 MiB");
   }
-  if (options.chunk_size > remote.max_transfer()) {
-    return InvalidArgument("chunk size exceeds the transport's largest transfer of " +
-                           std::to_string(remote.max_transfer()));
-  }
   if (remote.size() == 0 || remote.size() % kPageSize != 0) {
     return InvalidArgument("region size must be a non-zero multiple of 4 KiB");
   }
@@ -121,7 +117,8 @@ Status Mapping::Init() {
   const size_t prefetch_slots = options_.prefetch ? options_.prefetch_depth : 0;
   const size_t pull_slots = options_.fault_depth + prefetch_slots;
   MF_ASSIGN_OR_RETURN(pull_buffer_, remote_.AllocateBuffer(pull_slots * chunk_size_));
-  pull_slots_.resize(pull_slots);
+  pull_slots_ = std::make_unique<Slot[]>(pull_slots);
+  pull_slot_count_ = pull_slots;
   pull_done_ = std::make_unique<PullDone>(this);
   push_done_ = std::make_unique<PushDone>(this);
   {
@@ -131,8 +128,8 @@ Status Mapping::Init() {
   }
   if (writable) {
     MF_ASSIGN_OR_RETURN(push_buffer_, remote_.AllocateBuffer(options_.push_depth * chunk_size_));
+    push_slots_ = std::make_unique<Slot[]>(options_.push_depth);
     MutexLock lock(push_mu_);
-    push_slot_chunk_.resize(options_.push_depth);
     for (size_t i = 0; i < options_.push_depth; ++i) free_push_slots_.push_back(i);
   }
 
@@ -323,19 +320,50 @@ void Mapping::PrefetchLoop() {
   }
 }
 
-void Mapping::StartPull(uint64_t chunk, size_t slot, bool prefetch) {
-  pull_slots_[slot] = PullSlot{chunk, prefetch};
-  fabric::IoRequest request{fabric::IoKind::kRead,
-                            chunk * chunk_size_,
-                            pull_buffer_.span().subspan(slot * chunk_size_, ChunkLength(chunk)),
-                            &pull_buffer_,
-                            pull_done_.get(),
-                            slot};
-  remote_.Submit({&request, 1});
+void Mapping::SubmitChunk(fabric::IoKind kind, Slot& s, size_t slot, std::byte* staged,
+                          const fabric::Buffer& buffer, fabric::IoCallback* done) {
+  const size_t len = ChunkLength(s.chunk);
+  const size_t piece = std::min(len, remote_.max_transfer());
+  const auto pieces = static_cast<uint32_t>((len + piece - 1) / piece);
+  s.failed.store(false, std::memory_order_relaxed);
+  s.error = Status::Ok();
+  s.remaining.store(pieces, std::memory_order_release);
+  fabric::IoRequest requests[kMaxChunkSize / kPageSize];
+  static_assert(sizeof(requests) / sizeof(requests[0]) >= kMaxChunkSize / kPageSize);
+  for (uint32_t i = 0; i < pieces; ++i) {
+    const size_t at = size_t{i} * piece;
+    requests[i] = fabric::IoRequest{kind,    s.chunk * chunk_size_ + at, {staged + at, std::min(piece, len - at)},
+                                    &buffer, done,                       slot};
+  }
+  remote_.Submit({requests, pieces});
 }
 
-void Mapping::OnPullDone(size_t slot, const Status& status) {
-  const PullSlot ps = pull_slots_[slot];
+bool Mapping::CompleteOne(Slot& s, const Status& status, Status* result) {
+  if (!status.ok() && !s.failed.exchange(true, std::memory_order_acq_rel)) s.error = status;
+  if (s.remaining.fetch_sub(1, std::memory_order_acq_rel) != 1) return false;
+  *result = s.failed.load(std::memory_order_acquire) ? s.error : Status::Ok();
+  return true;
+}
+
+void Mapping::StartPull(uint64_t chunk, size_t slot, bool prefetch) {
+  Slot& s = pull_slots_[slot];
+  s.chunk = chunk;
+  s.prefetch = prefetch;
+  SubmitChunk(fabric::IoKind::kRead, s, slot, pull_buffer_.data() + slot * chunk_size_, pull_buffer_,
+              pull_done_.get());
+}
+
+void Mapping::StartPush(uint64_t chunk, size_t slot) {
+  Slot& s = push_slots_[slot];
+  s.chunk = chunk;
+  SubmitChunk(fabric::IoKind::kWrite, s, slot, push_buffer_.data() + slot * chunk_size_, push_buffer_,
+              push_done_.get());
+}
+
+void Mapping::OnPullDone(size_t slot, const Status& piece_status) {
+  Status status;
+  if (!CompleteOne(pull_slots_[slot], piece_status, &status)) return;
+  const Slot& ps = pull_slots_[slot];
   const size_t len = ChunkLength(ps.chunk);
   std::byte* addr = ChunkAddress(ps.chunk);
   if (status.ok()) {
@@ -396,9 +424,11 @@ void Mapping::FailChunk(uint64_t chunk) {
   (void)uffd_->Wake(addr, len);
 }
 
-void Mapping::OnPushDone(size_t slot, const Status& status) {
+void Mapping::OnPushDone(size_t slot, const Status& piece_status) {
+  Status status;
+  if (!CompleteOne(push_slots_[slot], piece_status, &status)) return;
   MutexLock lock(push_mu_);
-  const uint64_t chunk = push_slot_chunk_[slot];
+  const uint64_t chunk = push_slots_[slot].chunk;
   if (status.ok()) {
     counters_.pushes.fetch_add(1, std::memory_order_relaxed);
     counters_.bytes_pushed.fetch_add(ChunkLength(chunk), std::memory_order_relaxed);
@@ -461,8 +491,8 @@ Status Mapping::Sync() {
       push_cv_.wait(push_mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return !free_push_slots_.empty(); });
       slot = free_push_slots_.back();
       free_push_slots_.pop_back();
-      push_slot_chunk_[slot] = chunk;
     }
+    push_slots_[slot].chunk = chunk;
     std::byte* addr = ChunkAddress(chunk);
     const size_t len = ChunkLength(chunk);
     if (tracking_ == WriteTracking::kSync) {
@@ -473,17 +503,15 @@ Status Mapping::Sync() {
       Status s = uffd_->WriteProtect(addr, len, true);
       if (!s.ok()) {
         chunks_.SetDirty(chunk, true);
+        push_slots_[slot].remaining.store(1);
         OnPushDone(slot, s);
         continue;
       }
     } else {
       chunks_.SetDirty(chunk, false);  // ScanWritten protected it again
     }
-    std::byte* staged = push_buffer_.data() + slot * chunk_size_;
-    std::memcpy(staged, addr, len);
-    fabric::IoRequest request{fabric::IoKind::kWrite, chunk * chunk_size_, {staged, len}, &push_buffer_,
-                              push_done_.get(), slot};
-    remote_.Submit({&request, 1});
+    std::memcpy(push_buffer_.data() + slot * chunk_size_, addr, len);
+    StartPush(chunk, slot);
   }
   Status result;
   {
@@ -543,7 +571,7 @@ Status Mapping::Close() {
   // Pulls still in flight complete into our buffers: wait for their slots.
   {
     MutexLock lock(mu_);
-    const size_t all = pull_slots_.size();
+    const size_t all = pull_slot_count_;
     cv_.wait(mu_, [&]() MF_NO_THREAD_SAFETY_ANALYSIS {
       return free_fault_slots_.size() + free_prefetch_slots_.size() == all;
     });

@@ -118,9 +118,14 @@ class Mapping {
  private:
   class PullDone;
   class PushDone;
-  struct PullSlot {
+  // A chunk larger than the transport's max_transfer() moves in several requests; the
+  // last one to complete finishes the slot.
+  struct Slot {
     uint64_t chunk = 0;
     bool prefetch = false;
+    std::atomic<uint32_t> remaining{0};
+    std::atomic<bool> failed{false};
+    Status error;  // written once, by whoever set `failed`
   };
 
   Mapping(fabric::Remote& remote, const MappingOptions& options);
@@ -136,6 +141,13 @@ class Mapping {
   void PrefetchLoop() MF_EXCLUDES(mu_);
   void SyncLoop() MF_EXCLUDES(mu_);
   void StartPull(uint64_t chunk, size_t slot, bool prefetch);
+  void StartPush(uint64_t chunk, size_t slot);
+  // Submits the chunk's transfer from/to `staged` in requests of at most max_transfer().
+  void SubmitChunk(fabric::IoKind kind, Slot& s, size_t slot, std::byte* staged, const fabric::Buffer& buffer,
+                   fabric::IoCallback* done);
+  // Records one request's completion; true when it was the slot's last (then *status is
+  // the slot's first error, or OK).
+  static bool CompleteOne(Slot& s, const Status& status, Status* result);
   void OnPullDone(size_t slot, const Status& status) MF_EXCLUDES(mu_);
   void OnPushDone(size_t slot, const Status& status) MF_EXCLUDES(push_mu_);
   // Makes later accesses to the chunk raise SIGBUS and wakes its waiters.
@@ -159,7 +171,9 @@ class Mapping {
   fabric::Buffer push_buffer_;  // push_depth slots of chunk_size
   std::unique_ptr<PullDone> pull_done_;
   std::unique_ptr<PushDone> push_done_;
-  std::vector<PullSlot> pull_slots_;
+  std::unique_ptr<Slot[]> pull_slots_;
+  std::unique_ptr<Slot[]> push_slots_;
+  size_t pull_slot_count_ = 0;
   Mutex stripes_[kLockStripes];  // serialize a chunk's WP transitions (sync tracking)
 
   mutable Mutex mu_;
@@ -176,7 +190,6 @@ class Mapping {
   Mutex push_mu_;
   std::condition_variable_any push_cv_;
   std::vector<size_t> free_push_slots_ MF_GUARDED_BY(push_mu_);
-  std::vector<uint64_t> push_slot_chunk_ MF_GUARDED_BY(push_mu_);
   Status push_error_ MF_GUARDED_BY(push_mu_);
 
   struct Counters {

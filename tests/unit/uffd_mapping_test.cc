@@ -199,6 +199,22 @@ INSTANTIATE_TEST_SUITE_P(Chunks, MappingTest,
                                            Param{4u << 10, true, WriteTracking::kAsync}),
                          Name);
 
+TEST(Mapping, ChunksLargerThanTheTransportsLimitAreSplit) {
+  auto region = std::make_shared<MemoryRegion>("split", 8u << 20);
+  FillPattern(region->bytes(), 5);
+  MemoryRemote remote(region, true, 64u << 10);
+  MappingOptions o;
+  o.chunk_size = 2u << 20;
+  auto m = Mapping::Create(remote, o);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  EXPECT_EQ(std::memcmp((*m)->data(), region->data(), 8u << 20), 0);
+  std::memset((*m)->data() + (3u << 20), 0x5c, 1u << 20);
+  ASSERT_TRUE((*m)->Sync().ok());
+  for (size_t i = 3u << 20; i < 4u << 20; ++i) ASSERT_EQ(region->data()[i], std::byte{0x5c});
+  EXPECT_EQ((*m)->stats().pushes, 1u);  // one chunk, in 32 requests
+  EXPECT_GE(remote.requests_served(), 4u * 32u + 32u);
+}
+
 TEST(MappingDeathTest, UnservableFaultRaisesSigbusNotAHang) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   auto region = std::make_shared<MemoryRegion>("dead", 1u << 20);
