@@ -1,0 +1,173 @@
+// uffd::Mapping end to end over the TCP transport on loopback: a real memfabric server,
+// a real client, the real kernel userfaultfd.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+
+#include <cstring>
+#include <random>
+#include <thread>
+
+#include "tests/integration/tcp_test_util.h"
+#include "uffd/mapping.h"
+
+namespace mf::uffd {
+namespace {
+
+using tcp::testing::ClientOpts;
+using tcp::testing::TestServer;
+
+constexpr size_t kSize = 16u << 20;
+
+class UffdOverTcp : public ::testing::TestWithParam<size_t> {
+ protected:
+  void SetUp() override {
+    server_ = TestServer::Start();
+    ASSERT_NE(server_, nullptr);
+    ASSERT_TRUE(server_->server->Create({"r", kSize, fabric::BackingKind::kMemfd, ""}).ok());
+    auto h = server_->server->Open("r", false);
+    ASSERT_TRUE(h.ok());
+    handle_ = std::move(h).value();
+    std::mt19937_64 rng(3);
+    for (size_t i = 0; i < kSize; i += 8) {
+      uint64_t v = rng();
+      std::memcpy(handle_.region()->data() + i, &v, 8);
+    }
+  }
+  std::unique_ptr<fabric::Remote> Open(bool writable) {
+    auto client = transports::Connect(server_->url(), ClientOpts());
+    EXPECT_TRUE(client.ok()) << client.status().ToString();
+    if (!client.ok()) return nullptr;
+    fabric::OpenOptions o;
+    o.writable = writable;
+    auto remote = (*client)->Open("r", o);
+    EXPECT_TRUE(remote.ok()) << remote.status().ToString();
+    return remote.ok() ? std::move(remote).value() : nullptr;
+  }
+  MappingOptions Options(bool prefetch) const {
+    MappingOptions o;
+    o.chunk_size = GetParam();
+    o.prefetch = prefetch;
+    return o;
+  }
+  std::byte* server_bytes() const { return handle_.region()->data(); }
+
+  std::unique_ptr<TestServer> server_;
+  fabric::RegionHandle handle_;
+};
+
+TEST_P(UffdOverTcp, RandomAndSequentialReadsMatchTheServer) {
+  auto remote = Open(false);
+  ASSERT_NE(remote, nullptr);
+  for (bool prefetch : {false, true}) {
+    auto m = Mapping::Create(*remote, Options(prefetch));
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    std::mt19937 rng(11);
+    for (int i = 0; i < 3000; ++i) {
+      size_t off = rng() % kSize;
+      ASSERT_EQ((*m)->data()[off], server_bytes()[off]) << "offset " << off;
+    }
+    EXPECT_EQ(std::memcmp((*m)->data(), server_bytes(), kSize), 0);
+    EXPECT_TRUE((*m)->Close().ok());
+  }
+}
+
+TEST_P(UffdOverTcp, ManyThreadsFaultingTheSameAndDifferentChunks) {
+  auto remote = Open(false);
+  ASSERT_NE(remote, nullptr);
+  auto m = Mapping::Create(*remote, Options(false));
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  std::atomic<int> mismatches{0};
+  std::vector<std::thread> threads;
+  for (uint32_t t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(t);
+      for (int i = 0; i < 500; ++i) {
+        size_t off = t % 2 == 0 ? rng() % (2 * GetParam()) : rng() % kSize;
+        if ((*m)->data()[off] != server_bytes()[off]) mismatches++;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(mismatches.load(), 0);
+}
+
+TEST_P(UffdOverTcp, WritesAreVisibleToASecondClientOnlyAfterSync) {
+  auto writer = Open(true);
+  ASSERT_NE(writer, nullptr);
+  auto m = Mapping::Create(*writer, Options(true));
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  std::vector<std::byte> expect(server_bytes(), server_bytes() + kSize);
+  std::mt19937 rng(5);
+  for (int i = 0; i < 300; ++i) {
+    size_t off = rng() % (kSize - 5000);
+    auto v = static_cast<int>(rng() & 0xff);
+    std::memset((*m)->data() + off, v, 5000);
+    std::memset(expect.data() + off, v, 5000);
+  }
+  auto reader = Open(false);
+  ASSERT_NE(reader, nullptr);
+  std::vector<std::byte> seen(kSize);
+  ASSERT_TRUE(fabric::ReadAt(*reader, 0, seen).ok());
+  EXPECT_NE(seen, expect) << "writes reached the server before sync";
+  ASSERT_TRUE((*m)->Sync().ok());
+  ASSERT_TRUE(fabric::ReadAt(*reader, 0, seen).ok());
+  EXPECT_EQ(seen, expect);
+
+  // Close pushes what was written after the last sync.
+  std::memset((*m)->data() + kSize - 100, 0x3c, 100);
+  std::memset(expect.data() + kSize - 100, 0x3c, 100);
+  ASSERT_TRUE((*m)->Close().ok());
+  ASSERT_TRUE(fabric::ReadAt(*reader, 0, seen).ok());
+  EXPECT_EQ(seen, expect);
+}
+
+INSTANTIATE_TEST_SUITE_P(Chunks, UffdOverTcp, ::testing::Values(4u << 10, 64u << 10, 2u << 20),
+                         [](const auto& info) { return std::to_string(info.param >> 10) + "K"; });
+
+// Runs in the death test's child: maps the region, stops the server, touches a new chunk.
+void TouchAfterServerStops(uint16_t port, pid_t server_pid) {
+  transports::ClientOptions opts = ClientOpts();
+  opts.io_timeout = std::chrono::milliseconds(2000);
+  fabric::Url url{fabric::Scheme::kTcp, "127.0.0.1", port, ""};
+  auto client = transports::Connect(url, opts);
+  if (!client.ok()) _exit(10);
+  auto remote = (*client)->Open("r", fabric::OpenOptions{});
+  if (!remote.ok()) _exit(11);
+  MappingOptions mo;
+  mo.prefetch = false;
+  auto m = Mapping::Create(**remote, mo);
+  if (!m.ok()) _exit(12);
+  if ((*m)->data()[0] != std::byte{0}) _exit(13);  // served while the server runs
+  ::kill(server_pid, SIGSTOP);
+  volatile std::byte b = (*m)->data()[3u << 20];  // SIGBUS expected here
+  (void)b;
+  _exit(0);
+}
+
+// A server process that is stopped (SIGSTOP) while the client maps its region: the
+// faulting thread must get SIGBUS within the client's I/O timeout, never hang.
+TEST(UffdOverTcpDeathTest, StoppedServerGivesSigbusWithinTheTimeout) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  int ports[2];
+  ASSERT_EQ(::pipe(ports), 0);
+  pid_t server_pid = ::fork();
+  ASSERT_GE(server_pid, 0);
+  if (server_pid == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the test (it may be stopped)
+    auto s = TestServer::Start();
+    if (s == nullptr || !s->server->Create({"r", 4u << 20, fabric::BackingKind::kAnonymous, ""}).ok()) _exit(1);
+    uint16_t port = s->port();
+    (void)!::write(ports[1], &port, sizeof(port));
+    for (;;) ::pause();
+  }
+  uint16_t port = 0;
+  ASSERT_EQ(::read(ports[0], &port, sizeof(port)), static_cast<ssize_t>(sizeof(port)));
+  EXPECT_EXIT(TouchAfterServerStops(port, server_pid), ::testing::KilledBySignal(SIGBUS), "");
+  ::kill(server_pid, SIGKILL);
+  ::waitpid(server_pid, nullptr, 0);
+}
+
+}  // namespace
+}  // namespace mf::uffd
