@@ -1,0 +1,675 @@
+#include "transports/tcp/tcp_client.h"
+
+#include <fmt/format.h>
+#include <poll.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <thread>
+
+#include "fabric/auth.h"
+#include "fabric/remote.h"
+#include "transports/tcp/stream.h"
+#include "transports/tcp/wire.h"
+
+namespace mf::tcp {
+namespace {
+
+constexpr auto kReaderTick = std::chrono::milliseconds(50);  // deadline checks of a reader
+constexpr uint64_t kSlotIndexMask = 0xffffffffu;
+static_assert(kMaxQueueDepth <= kSlotIndexMask);
+
+// Reads one whole frame (header, then a payload of at most `max_payload` bytes).
+Status ReadFrame(Stream& stream, Clock::time_point deadline, wire::FrameHeader* header,
+                 std::vector<std::byte>* payload, size_t max_payload = wire::kMaxPayload) {
+  std::array<std::byte, wire::kFrameHeaderSize> raw{};
+  MF_RETURN_IF_ERROR(ReadExact(stream, raw, deadline));
+  MF_ASSIGN_OR_RETURN(size_t used, wire::DecodeFrameHeader(raw, header));
+  if (used != wire::kFrameHeaderSize) return Internal("frame header decode");
+  if (header->payload_length > max_payload) return ProtocolError("reply payload too large");
+  payload->resize(header->payload_length);
+  return ReadExact(stream, *payload, deadline);
+}
+
+Status SendFrame(Stream& stream, const wire::FrameHeader& header, std::span<const std::byte> payload,
+                 Clock::time_point deadline) {
+  std::array<std::byte, wire::kFrameHeaderSize> raw{};
+  wire::EncodeFrameHeader(header, raw);
+  return WriteExactV(stream, raw, payload, deadline);
+}
+
+// Connects, says hello on `channel` and authenticates: a ready connection or why not.
+Result<std::unique_ptr<Stream>> OpenSession(const Endpoint& ep, wire::Channel channel) {
+  const auto& opt = ep.options;
+  const auto deadline = Clock::now() + opt.connect_timeout;
+  MF_ASSIGN_OR_RETURN(UniqueFd fd, ConnectTcp(ep.host, ep.port, deadline));
+  auto stream = std::make_unique<Stream>(std::move(fd));
+  if (ep.tls) {
+    MF_RETURN_IF_ERROR(stream->StartTls(*ep.tls, /*server=*/false, ep.server_name));
+    MF_RETURN_IF_ERROR(HandshakeBlocking(*stream, deadline));
+  }
+
+  wire::ClientHello hello;
+  hello.channel = channel;
+  MF_ASSIGN_OR_RETURN(hello.nonce, fabric::MakeNonce());
+  std::array<std::byte, wire::kClientHelloSize> raw_hello{};
+  wire::EncodeClientHello(hello, raw_hello);
+  MF_RETURN_IF_ERROR(WriteExact(*stream, raw_hello, deadline).WithContext("sending hello"));
+
+  // The server hello: its frozen prefix first, then the rest once the version matches.
+  std::vector<std::byte> buf(wire::kHelloPrefixSize);
+  MF_RETURN_IF_ERROR(ReadExact(*stream, buf, deadline).WithContext("waiting for the server hello"));
+  wire::ServerHello server;
+  size_t used = 0;
+  while (true) {
+    MF_ASSIGN_OR_RETURN(used, wire::DecodeServerHello(buf, &server));
+    if (used != 0) break;
+    size_t want = wire::kServerHelloFixedSize;
+    if (buf.size() >= wire::kServerHelloFixedSize) {
+      want += static_cast<size_t>(buf[40]) | (static_cast<size_t>(buf[41]) << 8);
+    }
+    if (want <= buf.size()) return Internal("server hello decode made no progress");
+    size_t have = buf.size();
+    buf.resize(want);
+    MF_RETURN_IF_ERROR(ReadExact(*stream, std::span(buf).subspan(have), deadline)
+                           .WithContext("waiting for the server hello"));
+  }
+  if (server.version != wire::kVersion) {
+    return Status(Code::kUnsupported,
+                  fmt::format("protocol version mismatch: server speaks version {}, this client "
+                              "speaks version {}",
+                              server.version, wire::kVersion));
+  }
+  if (server.status != Code::kOk) return Status(server.status, "server: " + server.message);
+
+  if (server.auth == wire::AuthMode::kNone) {
+    if (!opt.secret.empty()) {
+      return Status(
+          Code::kUnauthenticated,
+          "server does not authenticate (insecure) although a secret was given; refusing to connect");
+    }
+    return stream;
+  }
+  if (opt.secret.empty())
+    return Status(Code::kUnauthenticated, "server requires a secret and none was given");
+  fabric::Proof proof = fabric::ComputeProof(opt.secret, fabric::Role::kClient, server.nonce, hello.nonce);
+  std::vector<std::byte> payload;
+  wire::EncodeProof(proof, &payload);
+  wire::FrameHeader auth;
+  auth.opcode = static_cast<uint8_t>(wire::Opcode::kAuth);
+  auth.payload_length = static_cast<uint32_t>(payload.size());
+  MF_RETURN_IF_ERROR(SendFrame(*stream, auth, payload, deadline).WithContext("authenticating"));
+  wire::FrameHeader reply;
+  std::vector<std::byte> reply_payload;
+  MF_RETURN_IF_ERROR(ReadFrame(*stream, deadline, &reply, &reply_payload).WithContext("authenticating"));
+  if (!reply.reply || reply.opcode != auth.opcode) return ProtocolError("unexpected reply to AUTH");
+  MF_RETURN_IF_ERROR(wire::ReplyStatus(reply, reply_payload));
+  auto server_proof = wire::DecodeProof(reply_payload);
+  if (!server_proof.ok() ||
+      !fabric::VerifyProof(opt.secret, fabric::Role::kServer, server.nonce, hello.nonce, *server_proof)) {
+    return Status(Code::kUnauthenticated, "server failed to prove it knows the secret");
+  }
+  return stream;
+}
+
+// ---- One data connection ------------------------------------------------------------------
+
+// A request in flight. Written by the submitter that took the slot, then read by the reader
+// thread; `in_use`, `sending` and `generation` change only under the connection's mutex.
+struct Slot {
+  fabric::IoRequest request;
+  uint8_t opcode = 0;
+  bool in_use = false;
+  bool sending = false;  // a submitter is still writing the request out
+  uint32_t generation = 0;
+  Clock::time_point deadline;
+};
+
+class DataConnection {
+ public:
+  DataConnection(std::unique_ptr<Stream> stream, int queue_depth, std::chrono::milliseconds io_timeout,
+                 const std::atomic<bool>* closing)
+      : stream_(std::move(stream)),
+        io_timeout_(io_timeout),
+        closing_(closing),
+        slots_(static_cast<size_t>(queue_depth)) {
+    MutexLock lock(mu_);
+    for (size_t i = slots_.size(); i > 0; --i) free_.push_back(static_cast<uint32_t>(i - 1));
+  }
+  ~DataConnection() {
+    Shutdown();
+    Join();
+  }
+
+  void Start() {
+    reader_ = std::thread([this] { ReadLoop(); });
+  }
+  void Shutdown() { stream_->Shutdown(); }
+  void Join() {
+    if (reader_.joinable()) reader_.join();
+  }
+  bool dead() MF_EXCLUDES(mu_) {
+    MutexLock lock(mu_);
+    return dead_;
+  }
+
+  // Sends one request (READ, WRITE, FLUSH or CLOSE); it completes through its callback.
+  // Blocks while every slot is taken. Returns false, with why, when the connection is dead
+  // and the request was not taken.
+  bool Send(const fabric::IoRequest& request, uint8_t opcode, Status* why) MF_EXCLUDES(mu_, send_mu_);
+
+ private:
+  void ReadLoop() MF_EXCLUDES(mu_);
+  // Completes the reply whose first `have` header bytes are in raw.
+  Status ReadOne(std::array<std::byte, wire::kFrameHeaderSize>& raw, size_t have) MF_EXCLUDES(mu_);
+  // Reader thread, once, as it stops: marks the connection dead and completes every
+  // request not being sent (their senders complete those).
+  void FailAll(const Status& status) MF_EXCLUDES(mu_);
+  // Marks a slot free; it returns to the free list while the connection lives.
+  void Release(uint32_t index) MF_REQUIRES(mu_);
+  Status Expired() MF_EXCLUDES(mu_);
+
+  const std::unique_ptr<Stream> stream_;
+  const std::chrono::milliseconds io_timeout_;
+  const std::atomic<bool>* closing_;  // the owning remote's Close() started
+  Mutex send_mu_;                     // one request on the wire at a time
+  Mutex mu_;
+  std::condition_variable_any slot_cv_;
+  std::vector<Slot> slots_ MF_GUARDED_BY(mu_);
+  std::vector<uint32_t> free_ MF_GUARDED_BY(mu_);
+  bool dead_ MF_GUARDED_BY(mu_) = false;
+  bool reader_done_ MF_GUARDED_BY(mu_) = false;  // FailAll ran; the reader has stopped
+  Status dead_status_ MF_GUARDED_BY(mu_);
+  std::array<std::byte, wire::kMaxMessageSize> message_{};  // reader thread only
+  std::thread reader_;                                      // last: uses everything above
+};
+
+bool DataConnection::Send(const fabric::IoRequest& request, uint8_t opcode, Status* why) {
+  uint32_t index = 0;
+  wire::FrameHeader h;
+  {
+    MutexLock lock(mu_);
+    // The analysis cannot see through the predicate; mu_ is held when it runs.
+    slot_cv_.wait(mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return dead_ || !free_.empty(); });
+    if (dead_) {
+      *why = dead_status_;
+      return false;
+    }
+    index = free_.back();
+    free_.pop_back();
+    Slot& s = slots_[index];
+    s.request = request;
+    s.opcode = opcode;
+    s.in_use = true;
+    s.sending = true;
+    s.deadline = Clock::now() + io_timeout_;
+    h.tag = (static_cast<uint64_t>(s.generation) << 32) | index;
+  }
+  h.opcode = opcode;
+  h.offset = request.offset;
+  const bool write = opcode == static_cast<uint8_t>(wire::Opcode::kWrite);
+  std::span<const std::byte> payload;
+  if (write) {
+    payload = request.data;
+    h.payload_length = static_cast<uint32_t>(payload.size());
+  } else if (opcode == static_cast<uint8_t>(wire::Opcode::kRead)) {
+    h.length = static_cast<uint32_t>(request.data.size());
+  }
+  Status sent;
+  {
+    MutexLock lock(send_mu_);
+    sent = SendFrame(*stream_, h, payload, Clock::now() + io_timeout_);
+  }
+  fabric::IoCallback* orphan = nullptr;
+  uint64_t cookie = 0;
+  Status orphan_status;
+  {
+    MutexLock lock(mu_);
+    Slot& s = slots_[index];
+    s.sending = false;
+    if (!sent.ok() && !dead_) {
+      dead_ = true;
+      dead_status_ = sent.code() == Code::kTimeout ? Status(Code::kTimeout, "server stopped reading requests")
+                                                   : Status(Code::kUnavailable, sent.ToString());
+      stream_->Shutdown();  // wakes the reader, which fails the rest
+      slot_cv_.notify_all();
+    }
+    // Once the reader has failed everything and exited it completes nothing more; it
+    // skipped this request while it was being sent, so it is ours. Until then the reader
+    // remains the only one completing requests.
+    if (reader_done_ && s.in_use && s.generation == static_cast<uint32_t>(h.tag >> 32)) {
+      orphan = s.request.callback;
+      cookie = s.request.cookie;
+      orphan_status = *closing_ ? Status(Code::kAborted, "remote closed") : dead_status_;
+      s.in_use = false;
+      ++s.generation;
+    }
+  }
+  if (orphan != nullptr) orphan->OnIoComplete(cookie, orphan_status);
+  return true;
+}
+
+void DataConnection::Release(uint32_t index) {
+  Slot& s = slots_[index];
+  s.in_use = false;
+  ++s.generation;
+  if (!dead_) {
+    free_.push_back(index);
+    slot_cv_.notify_one();
+  }
+}
+
+void DataConnection::FailAll(const Status& status) {
+  struct Done {
+    fabric::IoCallback* callback;
+    uint64_t cookie;
+  };
+  std::vector<Done> done;
+  Status final_status;
+  {
+    MutexLock lock(mu_);
+    if (!dead_) {
+      dead_ = true;
+      dead_status_ = status;
+    }
+    reader_done_ = true;
+    final_status = *closing_ ? Status(Code::kAborted, "remote closed") : dead_status_;
+    done.reserve(slots_.size());
+    for (uint32_t i = 0; i < slots_.size(); ++i) {
+      Slot& s = slots_[i];
+      if (!s.in_use || s.sending) continue;  // a sending request is completed by its sender
+      done.push_back({s.request.callback, s.request.cookie});
+      Release(i);
+    }
+    slot_cv_.notify_all();
+  }
+  stream_->Shutdown();
+  for (const auto& d : done) d.callback->OnIoComplete(d.cookie, final_status);
+}
+
+Status DataConnection::Expired() {
+  auto now = Clock::now();
+  MutexLock lock(mu_);
+  for (const Slot& s : slots_) {
+    if (s.in_use && !s.sending && now > s.deadline) {
+      return Status(Code::kTimeout,
+                    fmt::format("no reply from the server within {} ms", io_timeout_.count()));
+    }
+  }
+  return Status::Ok();
+}
+
+void DataConnection::ReadLoop() {
+  auto next_check = Clock::now() + kReaderTick;
+  while (true) {
+    // Deadlines are checked on every tick, also while other replies keep arriving.
+    if (Clock::now() >= next_check) {
+      next_check = Clock::now() + kReaderTick;
+      Status expired = Expired();
+      if (!expired.ok()) {
+        spdlog::warn("tcp client: {}; dropping the connection", expired.message());
+        FailAll(expired);
+        return;
+      }
+    }
+    if (!stream_->HasBufferedInput()) {
+      pollfd p{stream_->fd(), POLLIN, 0};
+      int n = ::poll(&p, 1, static_cast<int>(kReaderTick.count()));
+      if (n < 0 && errno != EINTR) {
+        FailAll(Status::FromErrno(errno, "poll"));
+        return;
+      }
+      if (n <= 0) continue;
+    }
+    // Only a reply that has started is read against a deadline: TLS may wake us for
+    // records that carry no data (session tickets, key updates).
+    std::array<std::byte, wire::kFrameHeaderSize> header{};
+    auto first = stream_->ReadSome(header);
+    Status st = first.status();
+    if (st.ok() && *first == 0) continue;
+    if (st.ok()) st = ReadOne(header, *first);
+    if (!st.ok()) {
+      if (!*closing_) spdlog::warn("tcp client: data connection failed: {}", st.ToString());
+      FailAll(
+          st.code() == Code::kProtocolError || st.code() == Code::kTimeout
+              ? st
+              : Status(Code::kUnavailable, "connection to the server lost: " + std::string(st.message())));
+      return;
+    }
+  }
+}
+
+// Receives one reply and completes its request.
+Status DataConnection::ReadOne(std::array<std::byte, wire::kFrameHeaderSize>& raw, size_t have) {
+  const auto deadline = Clock::now() + io_timeout_;
+  MF_RETURN_IF_ERROR(ReadExact(*stream_, std::span(raw).subspan(have), deadline));
+  wire::FrameHeader h;
+  MF_RETURN_IF_ERROR(wire::DecodeFrameHeader(raw, &h).status());
+  if (!h.reply) return ProtocolError("server sent a request on a data connection");
+  const uint32_t index = static_cast<uint32_t>(h.tag & kSlotIndexMask);
+  const uint32_t generation = static_cast<uint32_t>(h.tag >> 32);
+  fabric::IoRequest request;
+  {
+    MutexLock lock(mu_);
+    if (index >= slots_.size() || !slots_[index].in_use || slots_[index].generation != generation ||
+        slots_[index].opcode != h.opcode) {
+      return ProtocolError(fmt::format("reply with unknown tag {:#x}", h.tag));
+    }
+    request = slots_[index].request;
+  }
+  Status status;
+  if (h.status != Code::kOk) {
+    if (h.payload_length > message_.size()) return ProtocolError("error reply too long");
+    auto text = std::span(message_).first(h.payload_length);
+    MF_RETURN_IF_ERROR(ReadExact(*stream_, text, deadline));
+    status = wire::ReplyStatus(h, text);
+  } else if (h.opcode == static_cast<uint8_t>(wire::Opcode::kRead)) {
+    if (h.payload_length != request.data.size()) {
+      return ProtocolError(
+          fmt::format("READ reply of {} bytes for {} asked", h.payload_length, request.data.size()));
+    }
+    // Straight into the caller's buffer: the slot stays ours until released below.
+    MF_RETURN_IF_ERROR(ReadExact(*stream_, request.data, deadline));
+  } else if (h.payload_length != 0) {
+    return ProtocolError(fmt::format("unexpected payload in a {} reply", wire::OpcodeName(h.opcode)));
+  }
+  {
+    MutexLock lock(mu_);
+    if (!slots_[index].in_use || slots_[index].generation != generation)
+      return Internal("slot completed twice");
+    Release(index);
+  }
+  request.callback->OnIoComplete(request.cookie, status);
+  return Status::Ok();
+}
+
+// ---- The Remote -----------------------------------------------------------------------------
+
+class TcpRemote final : public fabric::Remote {
+ public:
+  TcpRemote(fabric::RegionInfo info, bool writable, size_t max_transfer, std::string_view transport,
+            std::chrono::milliseconds io_timeout)
+      : info_(std::move(info)),
+        writable_(writable),
+        max_transfer_(max_transfer),
+        transport_(transport),
+        io_timeout_(io_timeout) {}
+  ~TcpRemote() override { [[maybe_unused]] Status st = Close(); }
+
+  // Set-up, before the Remote is shared.
+  void AddConnection(std::unique_ptr<Stream> stream, int queue_depth) {
+    conns_.push_back(
+        std::make_unique<DataConnection>(std::move(stream), queue_depth, io_timeout_, &closing_));
+  }
+  void StartReaders() {
+    for (auto& c : conns_) c->Start();
+  }
+  void set_writable(bool writable) { writable_ = writable; }
+
+  const fabric::RegionInfo& info() const override { return info_; }
+  bool writable() const override { return writable_; }
+  std::string_view transport() const override { return transport_; }
+  size_t max_transfer() const override { return max_transfer_; }
+
+  Result<fabric::Buffer> AllocateBuffer(size_t size) override {
+    MF_ASSIGN_OR_RETURN(MappedMemory memory, MappedMemory::Anonymous(size));
+    return fabric::Buffer(std::move(memory), nullptr);
+  }
+
+  void Submit(std::span<const fabric::IoRequest> requests) override {
+    for (const auto& r : requests) {
+      if (r.callback == nullptr) continue;  // cannot be completed; a caller bug
+      Status invalid = Validate(r);
+      if (!invalid.ok()) {
+        r.callback->OnIoComplete(r.cookie, invalid);
+        continue;
+      }
+      uint8_t op =
+          static_cast<uint8_t>(r.kind == fabric::IoKind::kRead ? wire::Opcode::kRead : wire::Opcode::kWrite);
+      Status why = SendAnywhere(r, op);
+      if (!why.ok()) r.callback->OnIoComplete(r.cookie, why);
+    }
+  }
+
+  Status Flush() override {
+    if (closing_) return Status(Code::kAborted, "remote closed");
+    fabric::IoBatch batch(conns_.size());
+    for (auto& c : conns_) {
+      fabric::IoRequest r;
+      r.callback = &batch;
+      Status why;
+      if (!c->Send(r, static_cast<uint8_t>(wire::Opcode::kFlush), &why)) batch.OnIoComplete(0, Status::Ok());
+    }
+    Status st = batch.Wait();
+    if (!st.ok()) return st;
+    if (AllDead()) return Status(Code::kUnavailable, "no connection to the server left");
+    return Status::Ok();
+  }
+
+  Status Close() override MF_EXCLUDES(close_mu_) {
+    MutexLock lock(close_mu_);
+    if (closed_) return Status::Ok();
+    closed_ = true;
+    closing_ = true;
+    // Keep one live connection to hand the lease back; drop the others first so none of
+    // their requests can land after CLOSE.
+    DataConnection* keeper = nullptr;
+    for (auto& c : conns_) {
+      if (keeper == nullptr && !c->dead()) {
+        keeper = c.get();
+        continue;
+      }
+      c->Shutdown();
+    }
+    for (auto& c : conns_) {
+      if (c.get() != keeper) c->Join();
+    }
+    Status result;
+    if (keeper != nullptr) {
+      fabric::IoBatch batch(1);
+      fabric::IoRequest r;
+      r.callback = &batch;
+      Status why;
+      if (keeper->Send(r, static_cast<uint8_t>(wire::Opcode::kClose), &why)) {
+        result = batch.Wait();
+        if (result.code() == Code::kAborted) result = Status::Ok();  // the reader stopped first
+      }
+      keeper->Shutdown();
+      keeper->Join();
+    }
+    return result;
+  }
+
+ private:
+  Status Validate(const fabric::IoRequest& r) const {
+    if (closing_) return Status(Code::kAborted, "remote closed");
+    const size_t len = r.data.size();
+    if (len == 0) return InvalidArgument("request of 0 bytes");
+    if (len > max_transfer_) {
+      return InvalidArgument(fmt::format("request of {} bytes exceeds max_transfer {}", len, max_transfer_));
+    }
+    if (r.buffer == nullptr || r.data.data() < r.buffer->data() ||
+        r.data.data() + len > r.buffer->data() + r.buffer->size()) {
+      return InvalidArgument("request data does not lie inside its buffer");
+    }
+    MF_RETURN_IF_ERROR(fabric::CheckRange(r.offset, len, info_.size));
+    if (r.kind == fabric::IoKind::kWrite && !writable_) {
+      return Status(Code::kPermissionDenied, "write without the write lease (opened read-only)");
+    }
+    return Status::Ok();
+  }
+
+  // Round-robin over live connections. Allocates only on failure.
+  Status SendAnywhere(const fabric::IoRequest& r, uint8_t op) {
+    Status why;
+    const size_t n = conns_.size();
+    const size_t first = next_.fetch_add(1, std::memory_order_relaxed);
+    for (size_t i = 0; i < n; ++i) {
+      if (conns_[(first + i) % n]->Send(r, op, &why)) return Status::Ok();
+    }
+    if (closing_) return Status(Code::kAborted, "remote closed");
+    if (why.ok()) why = Status(Code::kUnavailable, "no connection to the server left");
+    return why;
+  }
+
+  bool AllDead() {
+    for (auto& c : conns_) {
+      if (!c->dead()) return false;
+    }
+    return true;
+  }
+
+  const fabric::RegionInfo info_;
+  bool writable_;  // set before the Remote is shared
+  const size_t max_transfer_;
+  const std::string transport_;
+  const std::chrono::milliseconds io_timeout_;
+  std::atomic<bool> closing_{false};
+  std::atomic<size_t> next_{0};
+  Mutex close_mu_;
+  bool closed_ MF_GUARDED_BY(close_mu_) = false;
+  // Fixed after set-up; Close() stops the connections but keeps them, so a Submit racing
+  // with Close() finds dead connections, never freed ones.
+  std::vector<std::unique_ptr<DataConnection>> conns_;
+};
+
+}  // namespace
+
+// ---- TcpClient ------------------------------------------------------------------------------
+
+TcpClient::TcpClient(Endpoint endpoint, std::unique_ptr<Stream> control)
+    : endpoint_(std::move(endpoint)), control_(std::move(control)) {}
+
+TcpClient::~TcpClient() = default;
+
+Result<std::unique_ptr<TcpClient>> TcpClient::Connect(const fabric::Url& url,
+                                                      const transports::ClientOptions& options, bool tls) {
+  Endpoint ep;
+  ep.host = url.host;
+  ep.port = url.port;
+  ep.options = options;
+  if (tls || url.scheme == fabric::Scheme::kTls) {
+    MF_ASSIGN_OR_RETURN(ep.tls, TlsContext::ForClient(options.tls));
+    ep.server_name = options.tls.server_name.empty() ? url.host : options.tls.server_name;
+  }
+  auto stream = OpenSession(ep, wire::Channel::kControl);
+  if (!stream.ok()) return stream.status().WithContext(fmt::format("connecting to {}", url.ToString()));
+  return std::unique_ptr<TcpClient>(new TcpClient(std::move(ep), std::move(stream).value()));
+}
+
+Result<std::vector<std::byte>> TcpClient::Call(uint8_t opcode, std::span<const std::byte> payload) {
+  MutexLock lock(mu_);
+  if (!broken_.ok()) return broken_;
+  wire::FrameHeader h;
+  h.opcode = opcode;
+  h.tag = next_tag_++;
+  h.payload_length = static_cast<uint32_t>(payload.size());
+  const auto deadline = Clock::now() + endpoint_.options.io_timeout;
+  wire::FrameHeader reply;
+  std::vector<std::byte> reply_payload;
+  Status st = SendFrame(*control_, h, payload, deadline);
+  if (st.ok()) st = ReadFrame(*control_, deadline, &reply, &reply_payload);
+  if (st.ok() && (!reply.reply || reply.tag != h.tag || reply.opcode != h.opcode)) {
+    st = ProtocolError("reply does not match the request");
+  }
+  if (!st.ok()) {
+    broken_ = Status(
+        st.code() == Code::kTimeout || st.code() == Code::kProtocolError ? st.code() : Code::kUnavailable,
+        "control connection lost: " + std::string(st.message()));
+    control_->Shutdown();
+    return broken_;
+  }
+  MF_RETURN_IF_ERROR(wire::ReplyStatus(reply, reply_payload));
+  return reply_payload;
+}
+
+Result<std::vector<fabric::RegionInfo>> TcpClient::List() {
+  MF_ASSIGN_OR_RETURN(auto payload, Call(static_cast<uint8_t>(wire::Opcode::kList), {}));
+  return wire::DecodeRegionList(payload);
+}
+
+Result<fabric::RegionInfo> TcpClient::Stat(std::string_view name) {
+  if (name.size() > fabric::kMaxRegionNameLength) return InvalidArgument("region name too long");
+  std::vector<std::byte> request;
+  wire::EncodeName(name, &request);
+  MF_ASSIGN_OR_RETURN(auto payload, Call(static_cast<uint8_t>(wire::Opcode::kStat), request));
+  return wire::DecodeRegionInfo(payload);
+}
+
+Result<fabric::RegionInfo> TcpClient::Create(const fabric::RegionSpec& spec) {
+  if (spec.name.size() > fabric::kMaxRegionNameLength) return InvalidArgument("region name too long");
+  if (spec.path.size() > wire::kMaxPathLength) return InvalidArgument("region path too long");
+  std::vector<std::byte> request;
+  wire::EncodeRegionSpec(spec, &request);
+  MF_ASSIGN_OR_RETURN(auto payload, Call(static_cast<uint8_t>(wire::Opcode::kCreate), request));
+  return wire::DecodeRegionInfo(payload);
+}
+
+Status TcpClient::Delete(std::string_view name) {
+  if (name.size() > fabric::kMaxRegionNameLength) return InvalidArgument("region name too long");
+  std::vector<std::byte> request;
+  wire::EncodeName(name, &request);
+  return Call(static_cast<uint8_t>(wire::Opcode::kDelete), request).status();
+}
+
+Result<std::unique_ptr<fabric::Remote>> TcpClient::Open(std::string_view name,
+                                                        const fabric::OpenOptions& options) {
+  if (options.connections < 1 || options.connections > kMaxDataConnections) {
+    return InvalidArgument(fmt::format("connections must be 1..{}", kMaxDataConnections));
+  }
+  if (options.queue_depth < 1 || options.queue_depth > kMaxQueueDepth) {
+    return InvalidArgument(fmt::format("queue_depth must be 1..{}", kMaxQueueDepth));
+  }
+  if (name.size() > fabric::kMaxRegionNameLength) return InvalidArgument("region name too long");
+  wire::OpenRequest request{std::string(name), options.writable};
+  std::vector<std::byte> payload;
+  wire::EncodeOpenRequest(request, &payload);
+  MF_ASSIGN_OR_RETURN(auto reply_payload, Call(static_cast<uint8_t>(wire::Opcode::kOpen), payload));
+  MF_ASSIGN_OR_RETURN(wire::OpenReply open, wire::DecodeOpenReply(reply_payload));
+
+  auto remote = std::make_unique<TcpRemote>(open.info, options.writable, open.max_transfer, transport(),
+                                            endpoint_.options.io_timeout);
+  std::vector<std::byte> token;
+  wire::EncodeToken(open.token, &token);
+  bool writable = options.writable;
+  for (int i = 0; i < options.connections; ++i) {
+    auto stream = OpenSession(endpoint_, wire::Channel::kData);
+    Status st = stream.status();
+    if (st.ok()) {
+      const auto deadline = Clock::now() + endpoint_.options.io_timeout;
+      wire::FrameHeader h;
+      h.opcode = static_cast<uint8_t>(wire::Opcode::kAttach);
+      h.payload_length = static_cast<uint32_t>(token.size());
+      wire::FrameHeader reply;
+      std::vector<std::byte> attach_payload;
+      st = SendFrame(**stream, h, token, deadline);
+      if (st.ok()) st = ReadFrame(**stream, deadline, &reply, &attach_payload);
+      if (st.ok() && (!reply.reply || reply.opcode != h.opcode))
+        st = ProtocolError("unexpected reply to ATTACH");
+      if (st.ok()) st = wire::ReplyStatus(reply, attach_payload);
+      if (st.ok()) {
+        auto attached = wire::DecodeAttachReply(attach_payload);
+        st = attached.status();
+        if (st.ok() && (attached->size != open.info.size || attached->generation != open.info.generation)) {
+          st = ProtocolError("ATTACH names another region than OPEN");
+        }
+        if (st.ok()) writable = attached->writable;
+      }
+    }
+    if (!st.ok()) {
+      remote->StartReaders();
+      [[maybe_unused]] Status closed = remote->Close();  // hands the lease back when one attached
+      return st.WithContext(fmt::format("opening data connection {} of {}", i + 1, options.connections));
+    }
+    remote->AddConnection(std::move(stream).value(), options.queue_depth);
+  }
+  remote->set_writable(writable);
+  remote->StartReaders();
+  return std::unique_ptr<fabric::Remote>(std::move(remote));
+}
+
+}  // namespace mf::tcp
