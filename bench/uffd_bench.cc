@@ -104,7 +104,7 @@ int Run(int argc, char** argv) {
     std::fprintf(stderr, "uffd_bench: --size must be a multiple of 2 MiB\n");
     return 2;
   }
-  fabric::Server server(fabric::ServerOptions{fabric::Secret("uffd-bench-secret-0123456789"), false});
+  fabric::Server server(fabric::ServerOptions{fabric::Secret("uffd-bench-secret-0123456789"), false, ""});
   auto info = server.Create({"bench", *size, fabric::BackingKind::kAnonymous, ""});
   auto handle = server.Open("bench", false);
   if (!info.ok() || !handle.ok()) {

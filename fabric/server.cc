@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <filesystem>
+
 namespace mf::fabric {
 
 RegionHandle::~RegionHandle() { Release(); }
@@ -55,6 +57,24 @@ Result<RegionInfo> Server::Create(const RegionSpec& spec) {
   spdlog::info("region '{}' created: {} {} (generation {})", spec.name, FormatSize(spec.size),
                BackingName(spec.backing), info.generation);
   return info;
+}
+
+Result<RegionInfo> Server::CreateForClient(const RegionSpec& spec) {
+  if (spec.backing != BackingKind::kFile) return Create(spec);
+  if (options_.store_dir.empty()) {
+    return Status(Code::kPermissionDenied,
+                  "this server does not let clients create file-backed regions; start it with --store DIR");
+  }
+  const std::filesystem::path relative(spec.path);
+  bool escapes = relative.empty() || relative.is_absolute();
+  for (const auto& part : relative) escapes = escapes || part == "..";
+  if (escapes) {
+    return Status(Code::kPermissionDenied, "file path '" + spec.path +
+                                               "' must be relative to the server's store, without '..'");
+  }
+  RegionSpec inside = spec;
+  inside.path = (std::filesystem::path(options_.store_dir) / relative).string();
+  return Create(inside);
 }
 
 Result<RegionInfo> Server::Stat(std::string_view name) const {

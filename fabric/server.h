@@ -58,6 +58,9 @@ struct ServerOptions {
   // Empty only when insecure is set: then clients are not asked to authenticate.
   Secret secret;
   bool insecure = false;
+  // Where file-backed regions that clients create live. Empty: clients may not create
+  // file-backed regions at all (the operator's own --region flags are not limited).
+  std::string store_dir;
 };
 
 class Server {
@@ -69,8 +72,12 @@ class Server {
 
   const ServerOptions& options() const { return options_; }
 
-  // Creates and adds a region; kAlreadyExists if the name is taken.
+  // Creates and adds a region; kAlreadyExists if the name is taken. For the operator.
   Result<RegionInfo> Create(const RegionSpec& spec) MF_EXCLUDES(mu_);
+  // Create on behalf of a remote client: a file-backed region must name a relative path
+  // without ".." and is created inside options().store_dir; kPermissionDenied when the
+  // server has no store or the path would leave it.
+  Result<RegionInfo> CreateForClient(const RegionSpec& spec) MF_EXCLUDES(mu_);
   Result<RegionInfo> Stat(std::string_view name) const MF_EXCLUDES(mu_);
   std::vector<RegionInfo> List() const MF_EXCLUDES(mu_);
   // kNotFound if absent; kBusy while a writer holds it.

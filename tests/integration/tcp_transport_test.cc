@@ -371,14 +371,22 @@ TEST(TcpTransport, FileBackedRegionSurvivesRestart) {
   TempDir dir;
   fabric::RegionSpec spec = Spec("persist", 2 * kMiB);
   spec.backing = fabric::BackingKind::kFile;
-  spec.path = (dir.path() / "persist.img").string();
+  spec.path = "persist.img";  // relative to the server's store
+  fabric::ServerOptions with_store = mf::tcp::testing::SecureOptions();
+  with_store.store_dir = dir.path().string();
   std::vector<std::byte> data(2 * kMiB);
   FillPattern(data, 42);
   {
-    auto s = TestServer::Start();
+    auto s = TestServer::Start({}, with_store);
     ASSERT_NE(s, nullptr);
     auto client = MustConnect(*s);
     ASSERT_NE(client, nullptr);
+    // A client may not name a file outside the store.
+    fabric::RegionSpec outside = spec;
+    outside.name = "outside";
+    outside.path = (dir.path() / "outside.img").string();
+    EXPECT_EQ(client->Create(outside).status().code(), Code::kPermissionDenied);
+    EXPECT_FALSE(std::filesystem::exists(dir.path() / "outside.img"));
     MF_ASSERT_OK_AND_ASSIGN(auto info, client->Create(spec));
     EXPECT_EQ(info.backing, fabric::BackingKind::kFile);
     fabric::OpenOptions oo;
@@ -389,11 +397,12 @@ TEST(TcpTransport, FileBackedRegionSurvivesRestart) {
     MF_ASSERT_OK(remote->Close());
     s->Stop();
   }
-  auto s = TestServer::Start();
+  auto s = TestServer::Start({}, with_store);
   ASSERT_NE(s, nullptr);
   auto client = MustConnect(*s);
   ASSERT_NE(client, nullptr);
   MF_ASSERT_OK(client->Create(spec).status());
+  EXPECT_TRUE(std::filesystem::exists(dir.path() / "persist.img"));
   MF_ASSERT_OK_AND_ASSIGN(auto remote, client->Open("persist", {}));
   std::vector<std::byte> back(2 * kMiB);
   MF_ASSERT_OK(fabric::ReadAt(*remote, 0, back));

@@ -1,13 +1,16 @@
 #include "fabric/server.h"
 
 #include <gtest/gtest.h>
+#include <stdlib.h>
+
+#include <filesystem>
 
 namespace mf::fabric {
 namespace {
 
 
 TEST(Server, CreateStatListDelete) {
-  Server server(ServerOptions{Secret("0123456789abcdef0123"), false});
+  Server server(ServerOptions{Secret("0123456789abcdef0123"), false, ""});
   auto info = server.Create({"a", 1 << 20, BackingKind::kAnonymous, ""});
   ASSERT_TRUE(info.ok()) << info.status().ToString();
   EXPECT_EQ(info->size, 1u << 20);
@@ -25,7 +28,7 @@ TEST(Server, CreateStatListDelete) {
 }
 
 TEST(Server, OneWriterManyReaders) {
-  Server server(ServerOptions{Secret("0123456789abcdef0123"), false});
+  Server server(ServerOptions{Secret("0123456789abcdef0123"), false, ""});
   ASSERT_TRUE(server.Create({"r", 4096, BackingKind::kAnonymous, ""}).ok());
   auto w1 = server.Open("r", true);
   ASSERT_TRUE(w1.ok());
@@ -42,7 +45,7 @@ TEST(Server, OneWriterManyReaders) {
 }
 
 TEST(Server, DeletedRegionStaysAliveForOpenHandlesAndRecreateBumpsGeneration) {
-  Server server(ServerOptions{Secret("0123456789abcdef0123"), false});
+  Server server(ServerOptions{Secret("0123456789abcdef0123"), false, ""});
   auto first = server.Create({"g", 4096, BackingKind::kAnonymous, ""});
   ASSERT_TRUE(first.ok());
   auto reader = server.Open("g", false);
@@ -58,7 +61,7 @@ TEST(Server, DeletedRegionStaysAliveForOpenHandlesAndRecreateBumpsGeneration) {
 }
 
 TEST(Server, MovedHandleReleasesOnce) {
-  Server server(ServerOptions{Secret("0123456789abcdef0123"), false});
+  Server server(ServerOptions{Secret("0123456789abcdef0123"), false, ""});
   ASSERT_TRUE(server.Create({"m", 4096, BackingKind::kAnonymous, ""}).ok());
   auto w = server.Open("m", true);
   ASSERT_TRUE(w.ok());
@@ -67,6 +70,25 @@ TEST(Server, MovedHandleReleasesOnce) {
   EXPECT_TRUE(server.Stat("m")->has_writer);
   moved = RegionHandle();
   EXPECT_FALSE(server.Stat("m")->has_writer);
+}
+
+TEST(Server, ClientsCreateFileRegionsOnlyInsideTheStore) {
+  Server closed(ServerOptions{Secret("0123456789abcdef0123"), false, ""});
+  EXPECT_EQ(closed.CreateForClient({"f", 4096, BackingKind::kFile, "x.img"}).status().code(),
+            Code::kPermissionDenied);
+  EXPECT_TRUE(closed.CreateForClient({"a", 4096, BackingKind::kAnonymous, ""}).ok());
+
+  char tmpl[] = "/tmp/mf-store-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  Server server(ServerOptions{Secret("0123456789abcdef0123"), false, tmpl});
+  for (const char* bad : {"/etc/passwd", "../x.img", "a/../../x.img", ""}) {
+    EXPECT_EQ(server.CreateForClient({"f", 4096, BackingKind::kFile, bad}).status().code(),
+              Code::kPermissionDenied)
+        << bad;
+  }
+  ASSERT_TRUE(server.CreateForClient({"f", 4096, BackingKind::kFile, "f.img"}).ok());
+  EXPECT_TRUE(std::filesystem::exists(std::filesystem::path(tmpl) / "f.img"));
+  std::filesystem::remove_all(tmpl);
 }
 
 }  // namespace

@@ -875,7 +875,7 @@ void TcpServer::Impl::Worker::OnControl(Conn& c, const wire::FrameHeader& h,
         st = spec.status();
         break;
       }
-      auto info = server.Create(*spec);
+      auto info = server.CreateForClient(*spec);
       if (info.ok()) {
         wire::EncodeRegionInfo(*info, &out);
         spdlog::info("tcp server: {} created region '{}' ({} bytes)", c.peer, spec->name, spec->size);
