@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# End-to-end test of the memfabric CLI: serve a file-backed region on a free port, then
+# drive it with the client subcommands and check outputs, exit codes and messages.
+# Usage: cli_test.sh PATH/TO/memfabric
+set -uo pipefail
+
+MF=${1:?usage: cli_test.sh PATH/TO/memfabric}
+[[ -x "$MF" ]] || { echo "cli_test: $MF is not executable" >&2; exit 1; }
+unset MEMFABRIC_SECRET
+SERVER_WAIT_TRIES=100  # x 0.1 s
+REGION_SIZE_BYTES=4194304
+
+WORK=$(mktemp -d /tmp/mf-cli-test.XXXXXX)
+SERVE_PID=""
+FAILURES=0
+CHECKS=0
+cleanup() {
+  if [[ -n "$SERVE_PID" ]]; then
+    kill "$SERVE_PID" 2>/dev/null || true
+    wait "$SERVE_PID" 2>/dev/null || true
+  fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+pass() { CHECKS=$((CHECKS + 1)); echo "ok   $*"; }
+fail() { CHECKS=$((CHECKS + 1)); FAILURES=$((FAILURES + 1)); echo "FAIL $*"; }
+
+# run NAME CMD...: runs CMD with stdout in $WORK/NAME.out, stderr in $WORK/NAME.err; sets RC.
+run() {
+  local name=$1
+  shift
+  "$@" >"$WORK/$name.out" 2>"$WORK/$name.err"
+  RC=$?
+}
+# expect_rc NAME WANT: the last `run NAME` exited with WANT.
+expect_rc() {
+  if [[ "$RC" == "$2" ]]; then pass "$1: exit $2"; else fail "$1: exit $RC, want $2; stderr: $(head -c 600 "$WORK/$1.err")"; fi
+}
+# expect_in NAME STREAM(out|err) REGEX: the output of `run NAME` matches REGEX.
+expect_in() {
+  if grep -Eq -- "$3" "$WORK/$1.$2"; then pass "$1: $2 matches /$3/"; else fail "$1: $2 lacks /$3/: $(head -c 600 "$WORK/$1.$2")"; fi
+}
+expect_not_in() {
+  if grep -Eq -- "$3" "$WORK/$1.$2"; then fail "$1: $2 has /$3/"; else pass "$1: $2 lacks /$3/"; fi
+}
+
+SECRET="$WORK/secret"
+(umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SECRET")
+WRONG_SECRET="$WORK/wrong-secret"
+(umask 077 && echo "this-is-not-the-right-secret" >"$WRONG_SECRET")
+BACKING="$WORK/region.data"
+
+# start_server: serves region `data` backed by $BACKING on a free loopback port.
+start_server() {
+  rm -f "$WORK/port"
+  "$MF" serve --listen 127.0.0.1:0 --port-file "$WORK/port" --secret-file "$SECRET" \
+    --region "data=4M,backing=file:$BACKING" 2>>"$WORK/serve.log" &
+  SERVE_PID=$!
+  for ((i = 0; i < SERVER_WAIT_TRIES; i++)); do
+    [[ -s "$WORK/port" ]] && break
+    kill -0 "$SERVE_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [[ ! -s "$WORK/port" ]]; then
+    fail "serve did not start: $(cat "$WORK/serve.log")"
+    exit 1
+  fi
+  URL="tcp://127.0.0.1:$(cat "$WORK/port")"
+  pass "serve listening on $URL"
+}
+stop_server() {
+  kill -TERM "$SERVE_PID"
+  for ((i = 0; i < SERVER_WAIT_TRIES; i++)); do
+    kill -0 "$SERVE_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$SERVE_PID" 2>/dev/null; then
+    fail "serve: still running 10 s after SIGTERM"
+    kill -KILL "$SERVE_PID"
+  fi
+  local rc=0
+  wait "$SERVE_PID" || rc=$?
+  SERVE_PID=""
+  if ((rc == 0)); then pass "serve: exit 0 on SIGTERM"; else fail "serve: exit $rc on SIGTERM"; fi
+}
+
+# ---- usage: help, exit codes --------------------------------------------------------
+for sub in serve ls create rm stat read write bench; do
+  run "help-$sub" "$MF" "$sub" --help
+  expect_rc "help-$sub" 0
+  expect_in "help-$sub" out "Example"
+done
+run help "$MF" --help
+expect_rc help 0
+expect_in help out "Example"
+run no-subcommand "$MF"
+expect_rc no-subcommand 2
+run bad-flag "$MF" ls --no-such-flag tcp://127.0.0.1:1
+expect_rc bad-flag 2
+run insecure-public "$MF" serve --listen 0.0.0.0:0 --insecure
+expect_rc insecure-public 2
+expect_in insecure-public err "loopback"
+run serve-no-secret "$MF" serve --listen 127.0.0.1:0
+expect_rc serve-no-secret 2
+expect_in serve-no-secret err "no secret: set MEMFABRIC_SECRET or pass --secret-file"
+run bad-region "$MF" serve --listen 127.0.0.1:0 --insecure --region "x=lots"
+expect_rc bad-region 2
+expect_in bad-region err "NAME=SIZE"
+
+# ---- serve and the client commands ---------------------------------------------------
+start_server
+C=(--secret-file "$SECRET")
+cp "$WORK/serve.log" "$WORK/serve-start.err"
+expect_in serve-start err "serving on $URL: transport tcp"
+expect_in serve-start err "region data: 4 MiB, backing file $BACKING"
+
+run ls "$MF" ls "$URL" "${C[@]}"
+expect_rc ls 0
+expect_in ls out "^NAME +SIZE"
+expect_in ls out "^data +4 MiB +$REGION_SIZE_BYTES +file "
+
+run stat "$MF" stat "$URL/data" "${C[@]}"
+expect_rc stat 0
+expect_in stat out "^size: +4 MiB \($REGION_SIZE_BYTES bytes\)"
+expect_in stat out "^backing: +file"
+expect_in stat out "^transport: +tcp"
+
+head -c 1048576 /dev/urandom >"$WORK/input"
+run write "$MF" write "$URL/data" 4K "${C[@]}" <"$WORK/input"
+expect_rc write 0
+expect_in write err "wrote 1 MiB \(1048576 bytes\)"
+run read-back "$MF" read "$URL/data" 4096 1M "${C[@]}"
+expect_rc read-back 0
+if cmp -s "$WORK/input" "$WORK/read-back.out"; then pass "read-back: bytes equal those written"; else fail "read-back: bytes differ"; fi
+run read-zero "$MF" read "$URL/data" 0 4K "${C[@]}"
+expect_rc read-zero 0
+if cmp -s "$WORK/read-zero.out" <(head -c 4096 /dev/zero); then pass "read-zero: untouched page is zero"; else fail "read-zero: untouched page is not zero"; fi
+
+if command -v script >/dev/null; then  # a pseudo-terminal on stdout
+  script -qec "'$MF' read '$URL/data' 0 16 --secret-file '$SECRET'" /dev/null >"$WORK/tty.out" 2>"$WORK/tty.err"
+  RC=$?
+  expect_rc tty 2
+  expect_in tty out "refusing to write binary data to a terminal"
+fi
+
+run read-past-end "$MF" read "$URL/data" 4M 1 "${C[@]}"
+expect_rc read-past-end 2
+expect_in read-past-end err "$REGION_SIZE_BYTES bytes"
+head -c 8192 /dev/zero >"$WORK/small"
+run write-past-end "$MF" write "$URL/data" 4092K "${C[@]}" <"$WORK/small"
+expect_rc write-past-end 2
+expect_in write-past-end err "does not fit"
+run bad-offset "$MF" read "$URL/data" 12Q 1 "${C[@]}"
+expect_rc bad-offset 2
+expect_in bad-offset err "bad OFFSET '12Q'"
+
+run missing "$MF" stat "$URL/nosuch" "${C[@]}"
+expect_rc missing 1
+expect_in missing err "nosuch"
+expect_in missing err "memfabric ls $URL"
+run missing-read "$MF" read "$URL/nosuch" 0 1 "${C[@]}"
+expect_rc missing-read 1
+expect_in missing-read err "memfabric create $URL/nosuch"
+run no-region "$MF" stat "$URL" "${C[@]}"
+expect_rc no-region 2
+expect_in no-region err "names no region"
+
+run wrong-secret "$MF" ls "$URL" --secret-file "$WRONG_SECRET"
+if ((RC != 0)); then pass "wrong-secret: exit $RC"; else fail "wrong-secret: exit 0"; fi
+expect_in wrong-secret err "secret"
+expect_not_in wrong-secret out "data"
+run no-secret "$MF" ls "$URL"
+expect_rc no-secret 2
+expect_in no-secret err "no secret: set MEMFABRIC_SECRET or pass --secret-file"
+run insecure-client "$MF" ls "$URL" --insecure
+if ((RC != 0)); then pass "insecure-client: exit $RC"; else fail "insecure-client: exit 0 against a server with a secret"; fi
+run env-secret env MEMFABRIC_SECRET="$(cat "$SECRET")" "$MF" ls "$URL"
+expect_rc env-secret 0
+expect_in env-secret out "^data "
+run refused "$MF" ls tcp://127.0.0.1:1 "${C[@]}"
+expect_rc refused 1
+expect_in refused err "memfabric serve"
+
+run create "$MF" create "$URL/scratch" --size 1M --backing memfd "${C[@]}"
+expect_rc create 0
+expect_in create out "created .*scratch: 1 MiB, backing memfd"
+run create-again "$MF" create "$URL/scratch" --size 1M "${C[@]}"
+expect_rc create-again 1
+expect_in create-again err "memfabric rm $URL/scratch"
+run create-bad-size "$MF" create "$URL/other" --size 12Q "${C[@]}"
+expect_rc create-bad-size 2
+run ls-two "$MF" ls "$URL" "${C[@]}"
+expect_in ls-two out "^scratch +1 MiB"
+run rm "$MF" rm "$URL/scratch" "${C[@]}"
+expect_rc rm 0
+run ls-after-rm "$MF" ls "$URL" "${C[@]}"
+expect_not_in ls-after-rm out "^scratch"
+run rm-missing "$MF" rm "$URL/scratch" "${C[@]}"
+expect_rc rm-missing 1
+
+run bench "$MF" bench "$URL/data" --seconds 0.2 --depth 4 --json "${C[@]}"
+expect_rc bench 0
+expect_in bench out "\"transport\": \"tcp\""
+expect_in bench out "\"pattern\": \"randread\", \"block\": 4096, \"depth\": 4"
+run bench-table "$MF" bench "$URL/data" --seconds 0.2 --pattern randread "${C[@]}"
+expect_rc bench-table 0
+expect_in bench-table out "transport tcp"
+expect_in bench-table out "^randread +4 KiB +1 "
+run bench-bad "$MF" bench "$URL/data" --pattern sideways "${C[@]}"
+expect_rc bench-bad 2
+expect_in bench-bad err "unknown pattern 'sideways'"
+
+# ---- restart: a file-backed region keeps its data ------------------------------------
+# bench wrote random data: put the known bytes back first.
+run rewrite "$MF" write "$URL/data" 4K "${C[@]}" <"$WORK/input"
+expect_rc rewrite 0
+stop_server
+if grep -q "flushed" "$WORK/serve.log"; then pass "serve: logged the flush"; else fail "serve: no flush in its log"; fi
+start_server
+run read-after-restart "$MF" read "$URL/data" 4K 1M "${C[@]}"
+expect_rc read-after-restart 0
+if cmp -s "$WORK/input" "$WORK/read-after-restart.out"; then
+  pass "restart: file-backed data survived"
+else
+  fail "restart: file-backed data lost"
+fi
+stop_server
+
+# ---- TLS: a self-signed certificate for 127.0.0.1 ------------------------------------
+if command -v openssl >/dev/null; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=localhost \
+    -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+  rm -f "$WORK/port"
+  "$MF" serve --listen 127.0.0.1:0 --port-file "$WORK/port" --insecure --region t=1M \
+    --tls-cert "$WORK/cert.pem" --tls-key "$WORK/key.pem" 2>>"$WORK/tls-serve.log" &
+  SERVE_PID=$!
+  for ((i = 0; i < SERVER_WAIT_TRIES; i++)); do [[ -s "$WORK/port" ]] && break; sleep 0.1; done
+  TLS_PORT=$(cat "$WORK/port" 2>/dev/null)
+  echo tls-hello >"$WORK/tls-in"
+  run tls-write "$MF" write "tls://127.0.0.1:$TLS_PORT/t" 0 --insecure --tls-ca "$WORK/cert.pem" <"$WORK/tls-in"
+  expect_rc tls-write 0
+  run tls-read "$MF" read "tls://127.0.0.1:$TLS_PORT/t" 0 10 --insecure --tls-ca "$WORK/cert.pem"
+  expect_rc tls-read 0
+  if cmp -s "$WORK/tls-in" "$WORK/tls-read.out"; then pass "tls: round trip"; else fail "tls: round trip differs"; fi
+  run tls-stat "$MF" stat "tls://127.0.0.1:$TLS_PORT/t" --insecure --tls-ca "$WORK/cert.pem"
+  expect_in tls-stat out "^transport: +tls"
+  run tls-no-ca "$MF" ls "tls://127.0.0.1:$TLS_PORT" --insecure
+  if ((RC != 0)); then pass "tls-no-ca: exit $RC"; else fail "tls-no-ca: exit 0 with an unverified certificate"; fi
+  expect_in tls-no-ca err "--tls-ca"
+  run tls-as-tcp "$MF" ls "tcp://127.0.0.1:$TLS_PORT" --insecure
+  if ((RC != 0)); then pass "tls-as-tcp: exit $RC"; else fail "tls-as-tcp: exit 0"; fi
+  expect_in tls-as-tcp err "tls://"
+  run tls-flags-tcp "$MF" ls "tcp://127.0.0.1:$TLS_PORT" --insecure --tls-ca "$WORK/cert.pem"
+  expect_rc tls-flags-tcp 2
+  stop_server
+fi
+
+echo "cli_test: $CHECKS checks, $FAILURES failed"
+((FAILURES == 0))

@@ -1,0 +1,193 @@
+#include "tools/cli_common.h"
+
+#include <cstdio>
+
+#include "fabric/auth.h"
+#include "fabric/log.h"
+#include "fabric/region.h"
+
+namespace mf::cli {
+namespace {
+
+constexpr char kLogLevels[] = "trace, debug, info, warn, error or off";
+
+std::string ServerUrl(const fabric::Url& url) {
+  fabric::Url server = url;
+  server.region.clear();
+  return server.ToString();
+}
+
+}  // namespace
+
+int Report(std::string_view command, const Status& status, std::string_view hint) {
+  std::string message(status.message());
+  if (message.empty()) message = std::string(CodeName(status.code()));
+  std::fprintf(stderr, "memfabric %.*s: error: %s\n", static_cast<int>(command.size()), command.data(),
+               message.c_str());
+  if (!hint.empty()) {
+    std::fprintf(stderr, "memfabric %.*s: hint: %.*s\n", static_cast<int>(command.size()), command.data(),
+                 static_cast<int>(hint.size()), hint.data());
+  }
+  return status.code() == Code::kInvalidArgument ? kExitUsage : kExitRuntime;
+}
+
+void AddLogLevelFlag(CLI::App& sub, std::string& level) {
+  sub.add_option("--log-level", level, std::string("Log level: ") + kLogLevels)
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}))
+      ->capture_default_str();
+}
+
+void AddClientFlags(CLI::App& sub, ClientFlags& flags) {
+  sub.add_option("--secret-file", flags.secret_file,
+                 "File holding the shared secret (mode 0600); default: $MEMFABRIC_SECRET")
+      ->group("Authentication");
+  sub.add_flag("--insecure", flags.insecure, "Connect without a secret (the server must run with --insecure)")
+      ->group("Authentication");
+  sub.add_option("--tls-ca", flags.tls_ca, "tls://: PEM CA bundle that signed the server's certificate")
+      ->group("TLS");
+  sub.add_option("--tls-cert", flags.tls_cert,
+                 "tls://: PEM client certificate (when the server asks for one)")
+      ->group("TLS");
+  sub.add_option("--tls-key", flags.tls_key, "tls://: PEM private key of --tls-cert")->group("TLS");
+  sub.add_option("--tls-server-name", flags.tls_server_name,
+                 "tls://: name expected in the server's certificate (default: the URL's host)")
+      ->group("TLS");
+  AddLogLevelFlag(sub, flags.log_level);
+}
+
+Result<fabric::Url> ParseTarget(std::string_view text, bool need_region) {
+  MF_ASSIGN_OR_RETURN(fabric::Url url, fabric::ParseUrl(text));
+  if (need_region) {
+    if (url.region.empty()) {
+      url.region = "NAME";
+      return InvalidArgument("'" + std::string(text) + "' names no region; add /NAME, e.g. " +
+                             url.ToString());
+    }
+    Status valid = fabric::ValidateRegionName(url.region);
+    if (!valid.ok())
+      return InvalidArgument("bad region name in '" + std::string(text) +
+                             "': " + std::string(valid.message()));
+  } else if (!url.region.empty()) {
+    return InvalidArgument("'" + std::string(text) +
+                           "' names a region; this command takes the server only, e.g. " + ServerUrl(url));
+  }
+  return url;
+}
+
+Result<transports::ClientOptions> MakeClientOptions(const fabric::Url& url, const ClientFlags& flags) {
+  transports::ClientOptions options;
+  const bool any_tls = !flags.tls_ca.empty() || !flags.tls_cert.empty() || !flags.tls_key.empty() ||
+                       !flags.tls_server_name.empty();
+  if (any_tls && url.scheme != fabric::Scheme::kTls) {
+    fabric::Url tls = url;
+    tls.scheme = fabric::Scheme::kTls;
+    return InvalidArgument("--tls-* flags apply to tls:// URLs only; use " + tls.ToString());
+  }
+  if (flags.tls_cert.empty() != flags.tls_key.empty()) {
+    return InvalidArgument("--tls-cert and --tls-key go together; pass both or neither");
+  }
+  options.tls.ca_file = flags.tls_ca;
+  options.tls.cert_file = flags.tls_cert;
+  options.tls.key_file = flags.tls_key;
+  options.tls.server_name = flags.tls_server_name;
+  if (flags.insecure) {
+    if (!flags.secret_file.empty()) {
+      return InvalidArgument("--insecure and --secret-file contradict each other; pass one of them");
+    }
+    return options;  // no secret: the server must be --insecure
+  }
+  Result<fabric::Secret> secret = fabric::LoadSecret(flags.secret_file);
+  if (!secret.ok()) {
+    if (secret.status().code() == Code::kNotFound && flags.secret_file.empty()) {
+      return InvalidArgument(
+          "no secret: set MEMFABRIC_SECRET or pass --secret-file PATH; or start the server with --insecure "
+          "on "
+          "loopback and pass --insecure here");
+    }
+    return InvalidArgument(std::string(secret.status().message()));
+  }
+  options.secret = std::move(secret).value();
+  return options;
+}
+
+std::string HintFor(const Status& status, const fabric::Url& url, const ClientFlags& flags) {
+  const std::string server = ServerUrl(url);
+  const std::string address = url.host + ":" + std::to_string(url.port);
+  switch (status.code()) {
+    case Code::kUnauthenticated:
+      if (status.message().find("certificate") != std::string_view::npos) {
+        return "pass the CA that signed the server's certificate with --tls-ca, and --tls-server-name when "
+               "the "
+               "certificate names the server differently from the URL";
+      }
+      if (flags.insecure) {
+        return "the server requires a secret: set MEMFABRIC_SECRET or pass --secret-file with the server's "
+               "secret";
+      }
+      return "use the same secret as the server (its --secret-file or MEMFABRIC_SECRET)";
+    case Code::kUnavailable:
+      if (status.message().find("refused") != std::string_view::npos) {
+        return "is `memfabric serve` running and listening on " + address +
+               "? (see its 'serving on' log line)";
+      }
+      if (url.scheme == fabric::Scheme::kTls) {
+        return "is " + address +
+               " a memfabric server started with --tls-cert? A server without TLS needs tcp://";
+      }
+      return "is " + address + " a memfabric server? One started with --tls-cert needs a tls:// URL";
+    case Code::kTimeout:
+      return address + " did not answer in time: check the address, the port and any firewall in between";
+    case Code::kProtocolError:
+      return "is " + address +
+             " a memfabric server of this version? A server started with --tls-cert needs a "
+             "tls:// URL, and a plain one a tcp:// URL";
+    case Code::kNotFound:
+      if (url.region.empty()) return "";
+      return "list the regions with `memfabric ls " + server +
+             "`, or create this one with `memfabric create " + url.ToString() + " --size SIZE`";
+    case Code::kAlreadyExists:
+      return "pick another name, or remove it first with `memfabric rm " + url.ToString() + "`";
+    case Code::kBusy:
+      return "another client holds the write lease of '" + url.region +
+             "'; retry once it has closed the region";
+    case Code::kOutOfRange: return "check the region's size with `memfabric stat " + url.ToString() + "`";
+    case Code::kUnsupported:
+      if (url.scheme == fabric::Scheme::kRdma)
+        return "no RDMA path here: use auto:// (falls back to TCP) or tcp://";
+      return "";
+    default: return "";
+  }
+}
+
+int StartClient(std::string_view command, std::string_view url_text, bool need_region,
+                const ClientFlags& flags, fabric::Url* url, std::unique_ptr<fabric::Client>* client) {
+  Status logging = InitLogging(flags.log_level);
+  if (!logging.ok()) return Report(command, logging);
+  Result<fabric::Url> parsed = ParseTarget(url_text, need_region);
+  if (!parsed.ok()) return Report(command, parsed.status());
+  *url = std::move(parsed).value();
+  Result<transports::ClientOptions> options = MakeClientOptions(*url, flags);
+  if (!options.ok()) return Report(command, options.status());
+  Result<std::unique_ptr<fabric::Client>> connected = transports::Connect(*url, *options);
+  if (!connected.ok()) {
+    // Name the server once: the transport may have said where it was connecting already.
+    Status status = connected.status();
+    if (status.message().find(ServerUrl(*url)) == std::string_view::npos) {
+      status = status.WithContext("connecting to " + ServerUrl(*url));
+    }
+    return Report(command, status, HintFor(connected.status(), *url, flags));
+  }
+  *client = std::move(connected).value();
+  return kExitOk;
+}
+
+Result<uint64_t> ParseByteCount(std::string_view what, std::string_view text) {
+  Result<uint64_t> value = fabric::ParseSize(text);
+  if (!value.ok()) {
+    return InvalidArgument("bad " + std::string(what) + " '" + std::string(text) +
+                           "': expected a byte count such as 4096, 64K, 16M or 1G");
+  }
+  return value;
+}
+
+}  // namespace mf::cli

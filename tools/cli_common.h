@@ -1,0 +1,83 @@
+// What the memfabric subcommands share: exit codes, error reports that say what was
+// wrong and how to fix it, the client flags (secret, TLS) and connecting with them.
+//
+// Each subcommand group registers itself with Add*Command(); main() parses argv with
+// CLI11 and runs the one Command whose app was parsed. A command returns its exit code.
+//
+// Thread-safety: used from the main thread only.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "fabric/client.h"
+#include "fabric/status.h"
+#include "fabric/url.h"
+#include "transports/connect.h"
+
+namespace mf::cli {
+
+constexpr int kExitOk = 0;
+constexpr int kExitRuntime = 1;  // the operation failed (server, network, I/O)
+constexpr int kExitUsage = 2;    // the command line or its configuration is wrong
+
+// One subcommand: its CLI11 app and what runs it once parsed.
+struct Command {
+  CLI::App* app = nullptr;
+  std::function<int()> run;
+};
+
+void AddServeCommand(CLI::App& app, std::vector<Command>& commands);
+void AddClientCommands(CLI::App& app, std::vector<Command>& commands);
+void AddBenchCommand(CLI::App& app, std::vector<Command>& commands);
+
+// Prints "memfabric COMMAND: error: MESSAGE" and, when hint is non-empty,
+// "memfabric COMMAND: hint: HINT" to stderr. Returns kExitUsage for kInvalidArgument
+// (the user asked for something malformed) and kExitRuntime otherwise.
+int Report(std::string_view command, const Status& status, std::string_view hint = {});
+
+// Flags every client subcommand takes.
+struct ClientFlags {
+  std::string secret_file;
+  bool insecure = false;
+  std::string tls_ca;
+  std::string tls_cert;
+  std::string tls_key;
+  std::string tls_server_name;
+  std::string log_level = "warn";
+};
+void AddClientFlags(CLI::App& sub, ClientFlags& flags);
+
+// A client subcommand's URL argument and its flags.
+struct TargetFlags {
+  std::string url;
+  ClientFlags client;
+};
+void AddLogLevelFlag(CLI::App& sub, std::string& level);
+
+// Parses a memfabric URL. With need_region, a URL without /REGION (or with an invalid
+// region name) is a kInvalidArgument that shows a corrected example; without it, a URL
+// naming a region is rejected the same way.
+Result<fabric::Url> ParseTarget(std::string_view text, bool need_region);
+
+// Builds the client options from the flags: the secret (or none with --insecure; a
+// missing secret is a kInvalidArgument that says how to provide one) and TLS files.
+Result<transports::ClientOptions> MakeClientOptions(const fabric::Url& url, const ClientFlags& flags);
+
+// A hint on how to fix `status`, which came from talking to `url` (empty if none fits).
+std::string HintFor(const Status& status, const fabric::Url& url, const ClientFlags& flags);
+
+// The common start of a client subcommand: sets the log level, parses url_text (see
+// ParseTarget) and connects. Returns kExitOk and fills *url and *client, or reports the
+// error with a hint and returns its exit code.
+int StartClient(std::string_view command, std::string_view url_text, bool need_region,
+                const ClientFlags& flags, fabric::Url* url, std::unique_ptr<fabric::Client>* client);
+
+// Parses a byte count such as "4096", "64K", "1G" for the option named `what`.
+Result<uint64_t> ParseByteCount(std::string_view what, std::string_view text);
+
+}  // namespace mf::cli
