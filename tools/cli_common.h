@@ -34,6 +34,7 @@ struct Command {
 void AddServeCommand(CLI::App& app, std::vector<Command>& commands);
 void AddClientCommands(CLI::App& app, std::vector<Command>& commands);
 void AddBenchCommand(CLI::App& app, std::vector<Command>& commands);
+void AddMountCommand(CLI::App& app, std::vector<Command>& commands);
 
 // Prints "memfabric COMMAND: error: MESSAGE" and, when hint is non-empty,
 // "memfabric COMMAND: hint: HINT" to stderr. Returns kExitUsage for kInvalidArgument
@@ -76,6 +77,11 @@ std::string HintFor(const Status& status, const fabric::Url& url, const ClientFl
 // error with a hint and returns its exit code.
 int StartClient(std::string_view command, std::string_view url_text, bool need_region,
                 const ClientFlags& flags, fabric::Url* url, std::unique_ptr<fabric::Client>* client);
+
+// `bench --uffd`: maps the region read-only with userfaultfd and times a first-touch scan
+// of every page, sequential then random, each on a fresh mapping. Returns the exit code.
+int RunUffdScan(std::string_view command, const TargetFlags& target, const std::string& chunk, bool prefetch,
+                bool json);
 
 // Parses a byte count such as "4096", "64K", "1G" for the option named `what`.
 Result<uint64_t> ParseByteCount(std::string_view what, std::string_view text);

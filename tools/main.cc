@@ -37,6 +37,7 @@ int main(int argc, char** argv) {
   mf::cli::AddServeCommand(app, commands);
   mf::cli::AddClientCommands(app, commands);
   mf::cli::AddBenchCommand(app, commands);
+  mf::cli::AddMountCommand(app, commands);
 
   try {
     app.parse(argc, argv);

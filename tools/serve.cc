@@ -5,6 +5,7 @@
 
 #include <csignal>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
@@ -46,6 +47,7 @@ struct ServeFlags {
   std::string tls_ca;
   int threads = 2;
   std::string port_file;
+  std::string store;
   std::string log_level = "info";
 };
 
@@ -156,6 +158,15 @@ int RunServe(const ServeFlags& flags) {
   // Before any thread exists, so that every thread inherits the mask.
   const sigset_t stop_signals = BlockStopSignals();
 
+  if (!flags.store.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(flags.store, ec);
+    if (ec || !std::filesystem::is_directory(flags.store)) {
+      return Report(kCommand, InvalidArgument("--store " + flags.store + " is not a usable directory" +
+                                              (ec ? ": " + ec.message() : std::string())));
+    }
+    options.store_dir = flags.store;
+  }
   fabric::Server server(std::move(options));
   for (const fabric::RegionSpec& spec : specs) {
     Result<fabric::RegionInfo> created = server.Create(spec);
@@ -225,6 +236,9 @@ void AddServeCommand(CLI::App& app, std::vector<Command>& commands) {
   sub->add_option("--threads", flags->threads, "Transport worker threads")
       ->check(CLI::Range(1, tcp::kMaxServerThreads))
       ->capture_default_str();
+  sub->add_option("--store", flags->store,
+                  "Directory where clients may create file-backed regions (memfabric create ... "
+                  "--backing file:NAME); without it they may not");
   sub->add_option("--port-file", flags->port_file,
                   "Write the bound port to this file once listening (for scripts)");
   AddLogLevelFlag(*sub, flags->log_level);

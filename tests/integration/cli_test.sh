@@ -211,6 +211,41 @@ run bench-bad "$MF" bench "$URL/data" --pattern sideways "${C[@]}"
 expect_rc bench-bad 2
 expect_in bench-bad err "unknown pattern 'sideways'"
 
+# ---- mount --uffd: the region as this process's memory -------------------------------
+run mount-hash "$MF" mount --uffd "$URL/data" "${C[@]}"
+expect_rc mount-hash 0
+expect_in mount-hash err "mapped 4 MiB of 'data' .* over tcp: chunk 64 KiB, prefetch on, write tracking off"
+run whole "$MF" read "$URL/data" 0 4M "${C[@]}"
+expected_hash=$(xxhsum -H3 "$WORK/whole.out" | sed -E 's/.*= ([0-9a-f]+)$/\1/')
+expect_in mount-hash out "^XXH3_64 $expected_hash  data "
+run mount-fill "$MF" mount --uffd "$URL/data" --writable --chunk 4K --no-prefetch --fill 0x5a --offset 8K \
+  --length 12K "${C[@]}"
+expect_rc mount-fill 0
+expect_in mount-fill out "filled 12 KiB at offset 8192 with 0x5a and synced"
+run after-fill "$MF" read "$URL/data" 8K 12K "${C[@]}"
+if cmp -s "$WORK/after-fill.out" <(head -c 12288 /dev/zero | tr '\0' 'Z'); then
+  pass "mount-fill: the server holds the bytes written through the mapping"
+else
+  fail "mount-fill: the server does not hold the bytes written through the mapping"
+fi
+run mount-ro-fill "$MF" mount --uffd "$URL/data" --fill 1 "${C[@]}"
+expect_rc mount-ro-fill 2
+expect_in mount-ro-fill err "add --writable"
+run mount-bad-chunk "$MF" mount --uffd "$URL/data" --chunk 3K "${C[@]}"
+expect_rc mount-bad-chunk 2
+expect_in mount-bad-chunk err "power of two"
+run mount-no-view "$MF" mount "$URL/data" "${C[@]}"
+expect_rc mount-no-view 2
+expect_in mount-no-view err "--uffd"
+run mount-help "$MF" mount --help
+expect_rc mount-help 0
+expect_in mount-help out "Example"
+
+# ---- a client may create file-backed regions only inside the server's --store -------
+run create-file-nostore "$MF" create "$URL/f" --size 64K --backing "file:f.img" "${C[@]}"
+expect_rc create-file-nostore 1
+expect_in create-file-nostore err "--store"
+
 # ---- restart: a file-backed region keeps its data ------------------------------------
 # bench wrote random data: put the known bytes back first.
 run rewrite "$MF" write "$URL/data" 4K "${C[@]}" <"$WORK/input"

@@ -1,0 +1,264 @@
+// memfabric mount --uffd: map a remote region into this process with userfaultfd and use
+// it as memory — checksum it, fill part of it, or hold it open with periodic sync while
+// showing progress. Also the scan behind `memfabric bench --uffd`.
+#include <fmt/core.h>
+#include <signal.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <thread>
+
+#include "fabric/region.h"
+#include "tools/cli_common.h"
+#include "uffd/mapping.h"
+
+namespace mf::cli {
+namespace {
+
+constexpr char kMountCmd[] = "mount";
+constexpr size_t kHashStep = 64u << 20;  // bytes hashed between progress lines
+constexpr auto kHoldInterval = std::chrono::seconds(1);
+
+constexpr char kMountFooter[] = R"(Examples:
+  # checksum a region through the mapping (pages pulled on first touch, prefetch ahead)
+  memfabric mount --uffd tcp://10.0.0.5:7411/cache
+  # compare with the bytes the server holds
+  memfabric read tcp://10.0.0.5:7411/cache 0 64M | xxhsum -H3
+  # write through the mapping, then push: fill 1 MiB at offset 4 MiB with 0x5a
+  memfabric mount --uffd tcp://10.0.0.5:7411/cache --writable --fill 0x5a --offset 4M --length 1M
+  # keep it mapped, syncing every 2 s, showing how much is local and dirty (Ctrl-C ends)
+  memfabric mount --uffd tcp://10.0.0.5:7411/cache --writable --hold --sync-interval 2s
+The mapping lives in this process: a program that wants the memory itself links the
+library (uffd::Mapping). `--nbd` (a /dev/nbdX block device) comes with the NBD device.)";
+
+struct MountFlags {
+  TargetFlags target;
+  bool uffd = false;
+  bool nbd = false;
+  std::string chunk = "64K";
+  bool no_prefetch = false;
+  bool writable = false;
+  bool hold = false;
+  std::string fill;
+  std::string offset = "0";
+  std::string length;
+  std::string sync_interval = "0";
+  int connections = 4;
+};
+
+Result<std::chrono::milliseconds> ParseDuration(std::string_view text) {
+  std::string_view digits = text;
+  int scale = 1000;
+  if (text.size() > 2 && text.substr(text.size() - 2) == "ms") {
+    digits = text.substr(0, text.size() - 2);
+    scale = 1;
+  } else if (!text.empty() && text.back() == 's') {
+    digits = text.substr(0, text.size() - 1);
+  }
+  uint64_t value = 0;
+  for (char c : digits) {
+    if (c < '0' || c > '9' || value > 1'000'000'000) {
+      return InvalidArgument("bad duration '" + std::string(text) + "': use e.g. 2s or 500ms");
+    }
+    value = value * 10 + static_cast<uint64_t>(c - '0');
+  }
+  if (digits.empty()) return InvalidArgument("bad duration '" + std::string(text) + "': use e.g. 2s or 500ms");
+  return std::chrono::milliseconds(static_cast<int64_t>(value) * scale);
+}
+
+std::string Progress(const uffd::MappingStats& s) {
+  return fmt::format("local {}/{} chunks ({:.0f}%), dirty {}, pulled {}, pushed {}", s.local_chunks, s.chunks,
+                     s.chunks ? 100.0 * static_cast<double>(s.local_chunks) / static_cast<double>(s.chunks) : 0.0,
+                     s.dirty_chunks, fabric::FormatSize(s.bytes_pulled), fabric::FormatSize(s.bytes_pushed));
+}
+
+struct Opened {
+  std::unique_ptr<fabric::Client> client;
+  std::unique_ptr<fabric::Remote> remote;
+  std::unique_ptr<uffd::Mapping> mapping;
+};
+
+int OpenMapping(std::string_view command, const TargetFlags& target, bool writable, int connections,
+                const uffd::MappingOptions& options, Opened* out) {
+  fabric::Url url;
+  if (int rc = StartClient(command, target.url, true, target.client, &url, &out->client); rc != kExitOk) return rc;
+  fabric::OpenOptions open;
+  open.writable = writable;
+  open.connections = connections;
+  auto remote = out->client->Open(url.region, open);
+  if (!remote.ok()) return Report(command, remote.status(), HintFor(remote.status(), url, target.client));
+  out->remote = std::move(remote).value();
+  auto mapping = uffd::Mapping::Create(*out->remote, options);
+  if (!mapping.ok()) return Report(command, mapping.status().WithContext("mapping " + url.region));
+  out->mapping = std::move(mapping).value();
+  return kExitOk;
+}
+
+int RunMount(const MountFlags& flags) {
+  if (flags.nbd == flags.uffd) {
+    return Report(kMountCmd, InvalidArgument("choose one view: --uffd (this process's memory) or --nbd"));
+  }
+  if (flags.nbd) {
+    return Report(kMountCmd, Unsupported("--nbd is not built yet"), "use --uffd, or serve the region over NBD");
+  }
+  auto chunk = ParseByteCount("--chunk", flags.chunk);
+  auto interval = ParseDuration(flags.sync_interval);
+  if (!chunk.ok()) return Report(kMountCmd, chunk.status());
+  if (!interval.ok()) return Report(kMountCmd, interval.status());
+  const bool filling = !flags.fill.empty();
+  if ((filling || interval->count() > 0) && !flags.writable) {
+    return Report(kMountCmd, InvalidArgument("--fill and --sync-interval write: add --writable"));
+  }
+  uffd::MappingOptions options;
+  options.chunk_size = *chunk;
+  options.prefetch = !flags.no_prefetch;
+  options.sync_interval = *interval;
+
+  // Before any thread exists, so that only the main thread takes SIGINT/SIGTERM.
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGINT);
+  sigaddset(&stop, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+
+  Opened o;
+  if (int rc = OpenMapping(kMountCmd, flags.target, flags.writable, flags.connections, options, &o); rc != kExitOk) {
+    return rc;
+  }
+  uffd::Mapping& m = *o.mapping;
+  std::fprintf(stderr, "mapped %s of '%s' at %p over %s: chunk %s, prefetch %s, write tracking %s\n",
+               fabric::FormatSize(m.size()).c_str(), o.remote->info().name.c_str(), static_cast<void*>(m.data()),
+               std::string(o.remote->transport()).c_str(), fabric::FormatSize(m.chunk_size()).c_str(),
+               options.prefetch ? "on" : "off", std::string(uffd::WriteTrackingName(m.tracking())).c_str());
+
+  if (filling) {
+    auto value = std::stoul(flags.fill, nullptr, 0);
+    auto offset = ParseByteCount("--offset", flags.offset);
+    auto length = ParseByteCount("--length", flags.length.empty() ? std::to_string(m.size()) : flags.length);
+    if (!offset.ok()) return Report(kMountCmd, offset.status());
+    if (!length.ok()) return Report(kMountCmd, length.status());
+    if (value > 0xff) return Report(kMountCmd, InvalidArgument("--fill takes a byte value, 0 to 0xff"));
+    Status range = fabric::CheckRange(*offset, *length, m.size());
+    if (!range.ok()) return Report(kMountCmd, range);
+    std::memset(m.data() + *offset, static_cast<int>(value), *length);
+    Status synced = m.Sync();
+    if (!synced.ok()) return Report(kMountCmd, synced);
+    std::printf("filled %s at offset %llu with 0x%02lx and synced: %s\n", fabric::FormatSize(*length).c_str(),
+                static_cast<unsigned long long>(*offset), value, Progress(m.stats()).c_str());
+  } else if (!flags.hold) {
+    XXH3_state_t* state = XXH3_createState();
+    XXH3_64bits_reset(state);
+    const auto start = std::chrono::steady_clock::now();
+    for (size_t at = 0; at < m.size(); at += kHashStep) {
+      XXH3_64bits_update(state, m.data() + at, std::min(kHashStep, m.size() - at));
+      if (isatty(STDERR_FILENO)) std::fprintf(stderr, "\rhashing: %s", Progress(m.stats()).c_str());
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const uint64_t hash = XXH3_64bits_digest(state);
+    XXH3_freeState(state);
+    if (isatty(STDERR_FILENO)) std::fputc('\n', stderr);
+    const auto s = m.stats();
+    std::printf("XXH3_64 %016llx  %s (%s in %.2f s, %.0f MB/s; %llu faults, %llu chunks prefetched)\n",
+                static_cast<unsigned long long>(hash), o.remote->info().name.c_str(),
+                fabric::FormatSize(m.size()).c_str(), seconds, static_cast<double>(m.size()) / 1e6 / seconds,
+                static_cast<unsigned long long>(s.faults), static_cast<unsigned long long>(s.prefetches));
+  }
+
+  if (flags.hold) {
+    std::fprintf(stderr, "holding the mapping; Ctrl-C or SIGTERM ends it%s\n",
+                 flags.writable ? " after a final sync" : "");
+    timespec tick{std::chrono::duration_cast<std::chrono::seconds>(kHoldInterval).count(), 0};
+    for (;;) {
+      int sig = sigtimedwait(&stop, nullptr, &tick);
+      if (sig == SIGINT || sig == SIGTERM) break;
+      std::fprintf(stderr, "%s\n", Progress(m.stats()).c_str());
+    }
+  }
+  Status closed = m.Close();
+  if (!closed.ok()) return Report(kMountCmd, closed.WithContext("final sync"));
+  return kExitOk;
+}
+
+}  // namespace
+
+int RunUffdScan(std::string_view command, const TargetFlags& target, const std::string& chunk_text, bool prefetch,
+                bool json) {
+  auto chunk = ParseByteCount("--chunk", chunk_text);
+  if (!chunk.ok()) return Report(command, chunk.status());
+  struct Row {
+    const char* order;
+    double seconds = 0;
+    uffd::MappingStats stats;
+  } rows[2] = {{"seq", 0, {}}, {"random", 0, {}}};
+  std::string transport;
+  uint64_t size = 0;
+  for (Row& row : rows) {
+    uffd::MappingOptions options;
+    options.chunk_size = *chunk;
+    options.prefetch = prefetch;
+    Opened o;
+    if (int rc = OpenMapping(command, target, false, 4, options, &o); rc != kExitOk) return rc;
+    size = o.mapping->size();
+    transport = std::string(o.remote->transport());
+    std::vector<uint32_t> pages(static_cast<size_t>(size / kPageSize));
+    std::iota(pages.begin(), pages.end(), 0u);
+    if (std::strcmp(row.order, "random") == 0) std::shuffle(pages.begin(), pages.end(), std::mt19937(1));
+    uint64_t sum = 0;
+    const auto start = std::chrono::steady_clock::now();
+    for (uint32_t p : pages) {
+      sum += static_cast<uint8_t>(*static_cast<const volatile std::byte*>(o.mapping->data() + uint64_t{p} * kPageSize));
+    }
+    row.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    row.stats = o.mapping->stats();
+    if (sum == 1) std::fputc(' ', stderr);  // keep the loads
+  }
+  if (json) {
+    std::printf("{\"transport\":\"%s\",\"view\":\"uffd\",\"size\":%llu,\"chunk\":%llu,\"prefetch\":%s,\"rows\":[",
+                transport.c_str(), static_cast<unsigned long long>(size), static_cast<unsigned long long>(*chunk),
+                prefetch ? "true" : "false");
+    for (size_t i = 0; i < 2; ++i) {
+      std::printf("%s{\"order\":\"%s\",\"mb_per_s\":%.1f,\"faults\":%llu}", i ? "," : "", rows[i].order,
+                  static_cast<double>(size) / 1e6 / rows[i].seconds,
+                  static_cast<unsigned long long>(rows[i].stats.faults));
+    }
+    std::printf("]}\n");
+  } else {
+    std::printf("first-touch scan through a uffd mapping over %s: %s, chunk %s, prefetch %s\n", transport.c_str(),
+                fabric::FormatSize(size).c_str(), fabric::FormatSize(*chunk).c_str(), prefetch ? "on" : "off");
+    for (const Row& row : rows) {
+      std::printf("  %-6s %8.0f MB/s  %8llu faults  %8.1f us/fault\n", row.order,
+                  static_cast<double>(size) / 1e6 / row.seconds, static_cast<unsigned long long>(row.stats.faults),
+                  row.stats.faults ? row.seconds * 1e6 / static_cast<double>(row.stats.faults) : 0.0);
+    }
+  }
+  return kExitOk;
+}
+
+void AddMountCommand(CLI::App& app, std::vector<Command>& commands) {
+  auto flags = std::make_shared<MountFlags>();
+  CLI::App* sub = app.add_subcommand("mount", "Map a remote region into memory (--uffd) and use it");
+  sub->footer(kMountFooter);
+  sub->add_option("URL", flags->target.url, "The region: SCHEME://HOST[:PORT]/NAME")->required();
+  sub->add_flag("--uffd", flags->uffd, "Map into this process with userfaultfd");
+  sub->add_flag("--nbd", flags->nbd, "As a /dev/nbdX block device (not built yet)");
+  sub->add_option("--chunk", flags->chunk, "Pull/push unit, a power of two from 4K to 2M")->capture_default_str();
+  sub->add_flag("--no-prefetch", flags->no_prefetch, "Pull only what is touched");
+  sub->add_flag("--writable", flags->writable, "Take the region's write lease (one writer per region)");
+  sub->add_option("--fill", flags->fill, "Write this byte value (e.g. 0x5a) through the mapping, then sync");
+  sub->add_option("--offset", flags->offset, "Where --fill starts (K/M/G)")->capture_default_str();
+  sub->add_option("--length", flags->length, "How much --fill writes (default: to the end)");
+  sub->add_flag("--hold", flags->hold, "Stay mapped until SIGINT/SIGTERM, printing progress each second");
+  sub->add_option("--sync-interval", flags->sync_interval, "Push dirty chunks this often (e.g. 2s, 500ms)")
+      ->capture_default_str();
+  sub->add_option("--connections", flags->connections, "Data connections")->check(CLI::Range(1, 64))
+      ->capture_default_str();
+  AddClientFlags(*sub, flags->target.client);
+  commands.push_back({sub, [flags] { return RunMount(*flags); }});
+}
+
+}  // namespace mf::cli
