@@ -1,0 +1,413 @@
+// nbd::Export over a MemoryRemote, driven through ServeConnection on a socketpair by a raw
+// client: negotiation replies, every command's semantics and error codes, request
+// splitting at the Remote's max_transfer, the shared large buffer, injected I/O errors.
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+
+#include <memory>
+#include <thread>
+
+#include "fabric/memory_remote.h"
+#include "nbd/export.h"
+#include "tests/integration/nbd_test_util.h"
+
+namespace mf::nbd {
+namespace {
+
+using testing::Bytes;
+using testing::RawClient;
+
+constexpr uint64_t kSize = 8u << 20;
+constexpr size_t kMaxTransfer = 64u << 10;  // small, so requests get split
+
+class NbdExportTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    region_ = std::make_shared<fabric::MemoryRegion>("disk", kSize);
+    remote_ = std::make_unique<fabric::MemoryRemote>(region_, true, kMaxTransfer);
+    ro_region_ = std::make_shared<fabric::MemoryRegion>("ro", 1u << 20);
+    for (size_t i = 0; i < ro_region_->bytes().size(); ++i)
+      ro_region_->bytes()[i] = static_cast<std::byte>(i);
+    ro_remote_ = std::make_unique<fabric::MemoryRemote>(ro_region_, false);
+    ExportOptions options;
+    options.queue_depth = 4;
+    options.slot_buffer_size = 128u << 10;
+    options.max_block_size = 4u << 20;
+    export_ = std::make_unique<Export>(options);
+    NBD_ASSERT_OK(export_->Add({"disk", "the test disk", remote_.get(), false}));
+    NBD_ASSERT_OK(export_->Add({"ro", "", ro_remote_.get(), false}));
+  }
+  void TearDown() override { export_->Stop(); }
+
+  RawClient Connect() {
+    int sv[2];
+    EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    EXPECT_TRUE(export_->ServeConnection(UniqueFd(sv[0])).ok());
+    return RawClient(UniqueFd(sv[1]));
+  }
+
+  std::shared_ptr<fabric::MemoryRegion> region_;
+  std::unique_ptr<fabric::MemoryRemote> remote_;
+  std::shared_ptr<fabric::MemoryRegion> ro_region_;
+  std::unique_ptr<fabric::MemoryRemote> ro_remote_;
+  std::unique_ptr<Export> export_;
+};
+
+TEST_F(NbdExportTest, AddRejectsBadSpecs) {
+  EXPECT_EQ(export_->Add({"disk", "", remote_.get(), false}).code(), Code::kAlreadyExists);
+  EXPECT_EQ(export_->Add({"x", "", nullptr, false}).code(), Code::kInvalidArgument);
+  EXPECT_EQ(export_->Add({std::string(5000, 'x'), "", remote_.get(), false}).code(), Code::kInvalidArgument);
+}
+
+TEST_F(NbdExportTest, GreetingAndGoInfo) {
+  RawClient c = Connect();
+  auto g = c.ReadGreeting();
+  ASSERT_TRUE(g.ok());
+  EXPECT_EQ(g->handshake_flags, kFlagFixedNewstyle | kFlagNoZeroes);
+  NBD_ASSERT_OK(c.SendClientFlags(kClientFlagFixedNewstyle | kClientFlagNoZeroes));
+  // INFO with NAME and DESCRIPTION requested.
+  NBD_ASSERT_OK(
+      c.SendOption(kOptInfo, EncodeInfoRequest({"disk", {kInfoName, kInfoDescription, kInfoBlockSize}})));
+  bool saw_export = false, saw_block = false, saw_name = false, saw_description = false;
+  for (;;) {
+    auto r = c.ReadOptionReply();
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_EQ(r->header.option, kOptInfo);
+    if (r->header.type == kRepAck) break;
+    ASSERT_EQ(r->header.type, kRepInfo);
+    const uint16_t type = LoadBe16(r->data.data());
+    if (type == kInfoExport) {
+      auto e = DecodeInfoExport(r->data);
+      ASSERT_TRUE(e.ok());
+      EXPECT_EQ(e->first, kSize);
+      const uint16_t want = kTxHasFlags | kTxSendFlush | kTxSendFua | kTxSendTrim | kTxSendWriteZeroes |
+                            kTxSendFastZero | kTxSendCache | kTxCanMultiConn;
+      EXPECT_EQ(e->second, want);
+      saw_export = true;
+    } else if (type == kInfoBlockSize) {
+      auto b = DecodeInfoBlockSize(r->data);
+      ASSERT_TRUE(b.ok());
+      EXPECT_EQ(b->minimum, 1u);
+      EXPECT_EQ(b->preferred, 4096u);
+      EXPECT_EQ(b->maximum, 4u << 20);
+      saw_block = true;
+    } else if (type == kInfoName) {
+      EXPECT_EQ(std::string(reinterpret_cast<const char*>(r->data.data()) + 2, r->data.size() - 2), "disk");
+      saw_name = true;
+    } else if (type == kInfoDescription) {
+      saw_description = true;
+    }
+  }
+  EXPECT_TRUE(saw_export && saw_block && saw_name && saw_description);
+  // Read-only export: flags say so; GO enters transmission.
+  uint64_t size = 0;
+  uint16_t flags = 0;
+  auto final_type = c.Go("ro", &size, &flags);
+  ASSERT_TRUE(final_type.ok());
+  EXPECT_EQ(*final_type, kRepAck);
+  EXPECT_EQ(size, 1u << 20);
+  EXPECT_EQ(flags, kTxHasFlags | kTxReadOnly | kTxSendFlush | kTxSendCache | kTxCanMultiConn);
+  std::vector<std::byte> data;
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdRead, 1, 4096, 16}));
+  auto r = c.ReadSimpleReply(&data, 16);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->error, 0u);
+  EXPECT_EQ(data[1], std::byte{1});
+  // Writes, trims and zeroes on a read-only export: EPERM.
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdWrite, 2, 0, 4}, Bytes("abcd")));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEperm);
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdTrim, 3, 0, 4096}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEperm);
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdWriteZeroes, 4, 0, 4096}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEperm);
+  EXPECT_EQ(ro_region_->bytes()[0], std::byte{0});
+  EXPECT_EQ(ro_region_->bytes()[1], std::byte{1});
+}
+
+TEST_F(NbdExportTest, ExportNameWithAndWithoutZeroes) {
+  for (bool no_zeroes : {true, false}) {
+    RawClient c = Connect();
+    NBD_ASSERT_OK(c.Start(kClientFlagFixedNewstyle | (no_zeroes ? kClientFlagNoZeroes : 0)));
+    NBD_ASSERT_OK(c.SendOption(kOptExportName, Bytes("disk")));
+    std::vector<std::byte> reply(kExportNameReplySize + (no_zeroes ? 0 : kExportNameZeroes));
+    NBD_ASSERT_OK(c.Recv(reply));
+    EXPECT_EQ(LoadBe64(reply.data()), kSize);
+    EXPECT_NE(LoadBe16(reply.data() + 8) & kTxHasFlags, 0);
+    NBD_ASSERT_OK(c.RoundTrip(100, 1000, 10, 3));
+  }
+  // The empty name is the default (first) export.
+  RawClient d = Connect();
+  NBD_ASSERT_OK(d.Start());
+  NBD_ASSERT_OK(d.SendOption(kOptExportName, {}));
+  std::vector<std::byte> reply(kExportNameReplySize);
+  NBD_ASSERT_OK(d.Recv(reply));
+  EXPECT_EQ(LoadBe64(reply.data()), kSize);
+}
+
+TEST_F(NbdExportTest, ListAbortUnsupportedAndUnknown) {
+  RawClient c = Connect();
+  NBD_ASSERT_OK(c.Start());
+  NBD_ASSERT_OK(c.SendOption(kOptList));
+  std::vector<std::string> names;
+  for (;;) {
+    auto r = c.ReadOptionReply();
+    ASSERT_TRUE(r.ok());
+    if (r->header.type == kRepAck) break;
+    ASSERT_EQ(r->header.type, kRepServer);
+    const uint32_t n = LoadBe32(r->data.data());
+    names.emplace_back(reinterpret_cast<const char*>(r->data.data()) + 4, n);
+  }
+  EXPECT_EQ(names, (std::vector<std::string>{"disk", "ro"}));
+  NBD_ASSERT_OK(c.SendOption(kOptList, Bytes("x")));
+  EXPECT_EQ(c.ReadOptionReply()->header.type, kRepErrInvalid);
+  for (uint32_t option : {kOptStartTls, kOptPeekExport, 11u, 0u, 0xffffu}) {
+    NBD_ASSERT_OK(c.SendOption(option, Bytes("whatever")));
+    auto r = c.ReadOptionReply();
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ(r->header.option, option);
+    EXPECT_EQ(r->header.type, kRepErrUnsup);
+  }
+  NBD_ASSERT_OK(c.SendOption(kOptStructuredReply, Bytes("x")));
+  EXPECT_EQ(c.ReadOptionReply()->header.type, kRepErrInvalid);
+  auto unknown = c.Go("nope");
+  ASSERT_TRUE(unknown.ok());
+  EXPECT_EQ(*unknown, kRepErrUnknown);
+  NBD_ASSERT_OK(c.SendOption(kOptGo, Bytes(std::string_view("\xff\xff\xff\xff\x00\x00", 6))));
+  EXPECT_EQ(c.ReadOptionReply()->header.type, kRepErrInvalid);
+  NBD_ASSERT_OK(c.SendOption(kOptAbort));
+  auto ack = c.ReadOptionReply();
+  ASSERT_TRUE(ack.ok());
+  EXPECT_EQ(ack->header.type, kRepAck);
+  EXPECT_TRUE(c.ClosedByServer());
+}
+
+TEST_F(NbdExportTest, CommandsWithSimpleReplies) {
+  RawClient c = Connect();
+  NBD_ASSERT_OK(c.Negotiate("disk", false));
+  // Splitting at max_transfer (64 KiB) and the large buffer (> 128 KiB slot buffers).
+  NBD_ASSERT_OK(c.RoundTrip(0, 1, 1, 1));
+  NBD_ASSERT_OK(c.RoundTrip(kSize - 1, 1, 3, 2));
+  NBD_ASSERT_OK(c.RoundTrip(12345, 200000, 5, 3));
+  NBD_ASSERT_OK(c.RoundTrip(kSize - (3u << 20), 3u << 20, 7, 4));
+  // Past the end: read/trim/cache EINVAL, write/zero ENOSPC (write payload is drained).
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdRead, 10, kSize, 1}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEinval);
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdRead, 11, kSize - 1, 2}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEinval);
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdRead, 12, ~0ull - 1, 4}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEinval);
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdWrite, 13, kSize - 2, 4}, Bytes("wxyz")));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEnospc);
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdTrim, 14, kSize, 1}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEinval);
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdWriteZeroes, 15, kSize, 1}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEnospc);
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdCache, 16, kSize, 1}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEinval);
+  // At the end with length 0: fine.
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdRead, 17, kSize, 0}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, 0u);
+  // Oversized read: EINVAL; oversized write: EINVAL after draining the payload.
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdRead, 18, 0, (4u << 20) + 1}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEinval);
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdWrite, 19, 0, (4u << 20) + 1}, std::vector<std::byte>((4u << 20) + 1)));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEinval);
+  // Unknown command, unknown flags, flags on the wrong command, flush with a range.
+  NBD_ASSERT_OK(c.SendRequest({0, 42, 20, 0, 0}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEinval);
+  NBD_ASSERT_OK(c.SendRequest({1u << 9, kCmdRead, 21, 0, 1}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEinval);
+  NBD_ASSERT_OK(c.SendRequest({kCmdFlagDf, kCmdRead, 22, 0, 1}));  // DF needs structured replies
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEinval);
+  NBD_ASSERT_OK(c.SendRequest({kCmdFlagNoHole, kCmdWrite, 23, 0, 1}, Bytes("q")));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEinval);
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdFlush, 24, 1, 0}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEinval);
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdBlockStatus, 25, 0, 4096}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEinval);
+  // Flush, FUA write, cache.
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdFlush, 26, 0, 0}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, 0u);
+  NBD_ASSERT_OK(c.SendRequest({kCmdFlagFua, kCmdWrite, 27, 8, 3}, Bytes("fua")));
+  EXPECT_EQ(c.ReadSimpleReply()->error, 0u);
+  EXPECT_EQ(region_->bytes()[8], std::byte{'f'});
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdCache, 28, 0, 4096}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, 0u);
+  // TRIM and WRITE_ZEROES zero the range (also beyond the zero buffer and max_transfer);
+  // FAST_ZERO fails with ENOTSUP and leaves the data alone.
+  for (auto& b : region_->bytes()) b = std::byte{0x5a};
+  NBD_ASSERT_OK(c.SendRequest({kCmdFlagFastZero, kCmdWriteZeroes, 29, 0, 4096}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEnotsup);
+  EXPECT_EQ(region_->bytes()[0], std::byte{0x5a});
+  NBD_ASSERT_OK(c.SendRequest({kCmdFlagNoHole | kCmdFlagFua, kCmdWriteZeroes, 30, 1, (3u << 20)}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, 0u);
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdTrim, 31, 5u << 20, kSize - (5u << 20)}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, 0u);
+  EXPECT_EQ(region_->bytes()[0], std::byte{0x5a});
+  EXPECT_EQ(region_->bytes()[1], std::byte{0});
+  EXPECT_EQ(region_->bytes()[3u << 20], std::byte{0});
+  EXPECT_EQ(region_->bytes()[(3u << 20) + 1], std::byte{0x5a});
+  EXPECT_EQ(region_->bytes()[(5u << 20) - 1], std::byte{0x5a});
+  EXPECT_EQ(region_->bytes()[5u << 20], std::byte{0});
+  EXPECT_EQ(region_->bytes()[kSize - 1], std::byte{0});
+  // DISC: the server closes after answering what was in flight.
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdDisc, 32, 0, 0}));
+  EXPECT_TRUE(c.ClosedByServer());
+}
+
+TEST_F(NbdExportTest, StructuredRepliesAndPipelining) {
+  RawClient c = Connect();
+  NBD_ASSERT_OK(c.Negotiate("disk", true));
+  for (size_t i = 0; i < 300000; ++i) region_->bytes()[i] = static_cast<std::byte>(i * 13);
+  // Pipeline more requests than slots; every handle gets exactly one final reply.
+  constexpr int kRequests = 20;
+  for (int i = 0; i < kRequests; ++i) {
+    NBD_ASSERT_OK(
+        c.SendRequest({kCmdFlagDf, kCmdRead, 100u + static_cast<uint64_t>(i), uint64_t(i) * 1000, 200000}));
+  }
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdRead, 99, kSize, 1}));  // error chunk
+  std::vector<bool> seen(kRequests, false);
+  bool saw_error = false;
+  for (int n = 0; n < kRequests + 1; ++n) {
+    auto chunk = c.ReadChunk();
+    ASSERT_TRUE(chunk.ok()) << chunk.status().ToString();
+    auto& [h, payload] = *chunk;
+    EXPECT_EQ(h.flags, kReplyFlagDone);
+    if (h.handle == 99) {
+      ASSERT_EQ(h.type, kReplyTypeError);
+      auto e = DecodeErrorChunk(payload);
+      ASSERT_TRUE(e.ok());
+      EXPECT_EQ(e->error, kEinval);
+      EXPECT_FALSE(e->message.empty());
+      saw_error = true;
+      continue;
+    }
+    ASSERT_EQ(h.type, kReplyTypeOffsetData);
+    const uint64_t i = h.handle - 100;
+    ASSERT_LT(i, uint64_t{kRequests});
+    EXPECT_FALSE(seen[i]);
+    seen[i] = true;
+    EXPECT_EQ(LoadBe64(payload.data()), i * 1000);
+    ASSERT_EQ(payload.size(), 8u + 200000);
+    EXPECT_EQ(payload[8 + 77], static_cast<std::byte>((i * 1000 + 77) * 13));
+  }
+  EXPECT_TRUE(saw_error);
+  // Zero-length read: a NONE chunk. Writes answer with simple replies.
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdRead, 7, 0, 0}));
+  auto none = c.ReadChunk();
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(none->first.type, kReplyTypeNone);
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdWrite, 8, 0, 2}, Bytes("hi")));
+  EXPECT_EQ(c.ReadSimpleReply()->error, 0u);
+  // Non-read errors come as error chunks.
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdWrite, 9, kSize, 2}, Bytes("hi")));
+  auto err = c.ReadChunk();
+  ASSERT_TRUE(err.ok());
+  EXPECT_EQ(err->first.type, kReplyTypeError);
+  EXPECT_EQ(DecodeErrorChunk(err->second)->error, kEnospc);
+}
+
+TEST_F(NbdExportTest, RemoteErrorsBecomeEio) {
+  RawClient c = Connect();
+  NBD_ASSERT_OK(c.Negotiate("disk", false));
+  remote_->FailNext(1, Status(Code::kIoError, "injected"));
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdRead, 1, 0, 4096}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEio);
+  remote_->FailNext(2, Status(Code::kUnavailable, "injected"));
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdWrite, 2, 0, 200000}, std::vector<std::byte>(200000)));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEio);
+  NBD_ASSERT_OK(c.RoundTrip(0, 4096, 3, 9));
+  EXPECT_EQ(export_->stats().request_errors, 2u);
+}
+
+TEST_F(NbdExportTest, BaseAllocationBlockStatus) {
+  RawClient c = Connect();
+  NBD_ASSERT_OK(c.Start());
+  // Before structured replies: refused.
+  NBD_ASSERT_OK(c.SendOption(kOptSetMetaContext, EncodeMetaContextRequest({"disk", {"base:allocation"}})));
+  EXPECT_EQ(c.ReadOptionReply()->header.type, kRepErrInvalid);
+  NBD_ASSERT_OK(c.SendOption(kOptStructuredReply));
+  EXPECT_EQ(c.ReadOptionReply()->header.type, kRepAck);
+  // LIST with no query, "base:" and an unknown namespace; SET ignores "base:".
+  struct Case {
+    uint32_t option;
+    std::vector<std::string> queries;
+    bool listed;
+  };
+  for (const Case& k :
+       {Case{kOptListMetaContext, {}, true}, Case{kOptListMetaContext, {"base:"}, true},
+        Case{kOptListMetaContext, {"x-foo:bar"}, false}, Case{kOptSetMetaContext, {"base:"}, false},
+        Case{kOptSetMetaContext, {"x-foo:bar", "base:allocation"}, true}}) {
+    NBD_ASSERT_OK(c.SendOption(k.option, EncodeMetaContextRequest({"disk", k.queries})));
+    auto r = c.ReadOptionReply();
+    ASSERT_TRUE(r.ok());
+    if (k.listed) {
+      ASSERT_EQ(r->header.type, kRepMetaContext);
+      EXPECT_EQ(std::string(reinterpret_cast<const char*>(r->data.data()) + 4, r->data.size() - 4),
+                "base:allocation");
+      r = c.ReadOptionReply();
+      ASSERT_TRUE(r.ok());
+    }
+    EXPECT_EQ(r->header.type, kRepAck);
+  }
+  // Malformed data and unknown exports.
+  NBD_ASSERT_OK(c.SendOption(kOptSetMetaContext, Bytes(std::string_view("\x00\x00\x00\x09disk", 8))));
+  EXPECT_EQ(c.ReadOptionReply()->header.type, kRepErrInvalid);
+  NBD_ASSERT_OK(c.SendOption(kOptListMetaContext, EncodeMetaContextRequest({"nope", {}})));
+  EXPECT_EQ(c.ReadOptionReply()->header.type, kRepErrUnknown);
+  // The failed SET above cleared the selection: select again, then GO.
+  NBD_ASSERT_OK(c.SendOption(kOptSetMetaContext, EncodeMetaContextRequest({"disk", {"base:allocation"}})));
+  auto selected = c.ReadOptionReply();
+  ASSERT_TRUE(selected.ok());
+  ASSERT_EQ(selected->header.type, kRepMetaContext);
+  const uint32_t id = LoadBe32(selected->data.data());
+  EXPECT_EQ(c.ReadOptionReply()->header.type, kRepAck);
+  ASSERT_EQ(*c.Go("disk"), kRepAck);
+  NBD_ASSERT_OK(c.SendRequest({kCmdFlagReqOne, kCmdBlockStatus, 5, 4096, 65536}));
+  auto chunk = c.ReadChunk();
+  ASSERT_TRUE(chunk.ok());
+  EXPECT_EQ(chunk->first.type, kReplyTypeBlockStatus);
+  EXPECT_EQ(chunk->first.flags, kReplyFlagDone);
+  ASSERT_EQ(chunk->second.size(), 12u);
+  EXPECT_EQ(LoadBe32(chunk->second.data()), id);
+  EXPECT_EQ(LoadBe32(chunk->second.data() + 4), 65536u);
+  EXPECT_EQ(LoadBe32(chunk->second.data() + 8), 0u);
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdBlockStatus, 6, kSize, 1}));
+  auto err = c.ReadChunk();
+  ASSERT_TRUE(err.ok());
+  EXPECT_EQ(err->first.type, kReplyTypeError);
+}
+
+TEST_F(NbdExportTest, ClientVanishingMidRequestLeavesOthersServed) {
+  RawClient witness = Connect();
+  NBD_ASSERT_OK(witness.Negotiate("disk", false));
+  remote_->SetDelay(std::chrono::microseconds(2000));
+  {
+    RawClient c = Connect();
+    NBD_ASSERT_OK(c.Negotiate("disk", false));
+    for (int i = 0; i < 8; ++i) NBD_ASSERT_OK(c.SendRequest({0, kCmdRead, uint64_t(i), 0, 1u << 20}));
+    NBD_ASSERT_OK(c.SendRequest({0, kCmdWrite, 9, 0, 1u << 20}, std::vector<std::byte>(1000)));
+  }  // closed with reads in flight and a write half sent
+  remote_->SetDelay(std::chrono::microseconds(0));
+  NBD_ASSERT_OK(witness.RoundTrip(4096, 4096, 1, 5));
+  for (int i = 0; i < 100 && export_->stats().connections_active != 1; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(export_->stats().connections_active, 1u);
+}
+
+TEST_F(NbdExportTest, StopDisconnectsClients) {
+  RawClient c = Connect();
+  NBD_ASSERT_OK(c.Negotiate("disk", false));
+  RawClient h = Connect();  // still in the handshake
+  export_->Stop();
+  EXPECT_TRUE(c.ClosedByServer());
+  EXPECT_TRUE(h.ClosedByServer());
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+  ::close(sv[1]);
+  EXPECT_EQ(export_->ServeConnection(UniqueFd(sv[0])).code(), Code::kAborted);
+}
+
+}  // namespace
+}  // namespace mf::nbd
