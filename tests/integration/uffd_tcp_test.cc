@@ -9,6 +9,7 @@
 #include <random>
 #include <thread>
 
+#include "tests/death_test_util.h"
 #include "tests/integration/tcp_test_util.h"
 #include "uffd/mapping.h"
 
@@ -157,14 +158,16 @@ TEST(UffdOverTcpDeathTest, StoppedServerGivesSigbusWithinTheTimeout) {
   if (server_pid == 0) {
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the test (it may be stopped)
     auto s = TestServer::Start();
-    if (s == nullptr || !s->server->Create({"r", 4u << 20, fabric::BackingKind::kAnonymous, ""}).ok()) _exit(1);
+    if (s == nullptr || !s->server->Create({"r", 4u << 20, fabric::BackingKind::kAnonymous, ""}).ok())
+      _exit(1);
     uint16_t port = s->port();
     (void)!::write(ports[1], &port, sizeof(port));
     for (;;) ::pause();
   }
   uint16_t port = 0;
   ASSERT_EQ(::read(ports[0], &port, sizeof(port)), static_cast<ssize_t>(sizeof(port)));
-  EXPECT_EXIT(TouchAfterServerStops(port, server_pid), ::testing::KilledBySignal(SIGBUS), "");
+  EXPECT_EXIT(TouchAfterServerStops(port, server_pid), mf::testing::DiedOf(SIGBUS),
+              mf::testing::DeathMessage(SIGBUS));
   ::kill(server_pid, SIGKILL);
   ::waitpid(server_pid, nullptr, 0);
 }

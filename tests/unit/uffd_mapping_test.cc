@@ -1,5 +1,6 @@
 // uffd::Mapping on the real kernel userfaultfd, over MemoryRemote (the end-to-end tests
 // over TCP and RDMA are in tests/integration and tests/vm).
+#include "tests/death_test_util.h"
 #include "uffd/mapping.h"
 
 #include <gtest/gtest.h>
@@ -230,7 +231,7 @@ TEST(MappingDeathTest, UnservableFaultRaisesSigbusNotAHang) {
         (void)b;
         _exit(0);
       },
-      ::testing::KilledBySignal(SIGBUS), "");
+      mf::testing::DiedOf(SIGBUS), mf::testing::DeathMessage(SIGBUS));
 }
 
 TEST(MappingDeathTest, ReadOnlyMappingRefusesWrites) {
@@ -244,7 +245,7 @@ TEST(MappingDeathTest, ReadOnlyMappingRefusesWrites) {
         (*m)->data()[10] = std::byte{1};
         _exit(0);
       },
-      ::testing::KilledBySignal(SIGSEGV), "");
+      mf::testing::DiedOf(SIGSEGV), mf::testing::DeathMessage(SIGSEGV));
 }
 
 TEST(Mapping, RejectsBadOptions) {
