@@ -5,6 +5,8 @@
 //   randread / randwrite  random block-aligned --block requests at depth 1 (latency) and
 //                         at --depth (IOPS)
 //   read / write          sequential --seq-block requests at --seq-depth (throughput)
+// Random rows run over --connections data connections, sequential ones over
+// --seq-connections; the region is reopened between rows when that number changes.
 // Writes overwrite the region's contents and need its write lease.
 #include <fmt/core.h>
 #include <unistd.h>
@@ -42,6 +44,8 @@ struct BenchFlags {
   size_t depth = 16;
   std::string block = "4K";
   size_t seq_depth = 4;
+  int connections = 1;      // for the random rows
+  int seq_connections = 2;  // for the sequential rows
   std::string seq_block = "1M";
   std::string pattern = "randread,randwrite,read,write";
   bool json = false;
@@ -54,6 +58,7 @@ struct Row {
   bool random = false;
   size_t block = 0;
   size_t depth = 0;
+  int connections = 1;
 };
 
 struct RowResult {
@@ -265,10 +270,10 @@ Result<std::vector<Row>> PlanRows(const BenchFlags& flags, uint64_t region_size,
   while (std::getline(list, name, ',')) {
     const bool write = name == "randwrite" || name == "write";
     if (name == "randread" || name == "randwrite") {
-      rows.push_back({name, write, true, block, 1});
-      if (flags.depth > 1) rows.push_back({name, write, true, block, flags.depth});
+      rows.push_back({name, write, true, block, 1, flags.connections});
+      if (flags.depth > 1) rows.push_back({name, write, true, block, flags.depth, flags.connections});
     } else if (name == "read" || name == "write") {
-      rows.push_back({name, write, false, seq_block, flags.seq_depth});
+      rows.push_back({name, write, false, seq_block, flags.seq_depth, flags.seq_connections});
     } else {
       return InvalidArgument("unknown pattern '" + name +
                              "' in --pattern; use a list of randread, randwrite, read, write");
@@ -288,13 +293,26 @@ int RunBench(const BenchFlags& flags) {
   fabric::OpenOptions options;
   options.writable = writes;
   options.queue_depth = static_cast<int>(std::max(flags.depth, flags.seq_depth));
-  Result<std::unique_ptr<fabric::Remote>> opened = client->Open(url.region, options);
-  if (!opened.ok()) {
-    std::string hint = HintFor(opened.status(), url, flags.target.client);
-    if (opened.status().code() == Code::kBusy) hint += "; or bench reads only: --pattern randread,read";
-    return Report(kCmd, opened.status().WithContext("opening " + url.region), hint);
-  }
-  std::unique_ptr<fabric::Remote> remote = std::move(opened).value();
+  // Opens the region with `connections` data connections, closing the previous handle
+  // first (it may hold the write lease). Returns an exit code.
+  std::unique_ptr<fabric::Remote> remote;
+  auto open = [&](int connections) -> int {
+    if (remote) {
+      Status closed = remote->Close();
+      if (!closed.ok()) return Report(kCmd, closed.WithContext("closing " + url.region));
+      remote.reset();
+    }
+    options.connections = connections;
+    Result<std::unique_ptr<fabric::Remote>> opened = client->Open(url.region, options);
+    if (!opened.ok()) {
+      std::string hint = HintFor(opened.status(), url, flags.target.client);
+      if (opened.status().code() == Code::kBusy) hint += "; or bench reads only: --pattern randread,read";
+      return Report(kCmd, opened.status().WithContext("opening " + url.region), hint);
+    }
+    remote = std::move(opened).value();
+    return kExitOk;
+  };
+  if (int rc = open(flags.connections); rc != kExitOk) return rc;
   Result<std::vector<Row>> rows = PlanRows(flags, remote->size(), remote->max_transfer());
   if (!rows.ok()) return Report(kCmd, rows.status());
 
@@ -307,6 +325,9 @@ int RunBench(const BenchFlags& flags) {
   std::vector<RowResult> results;
   uint64_t seed = 0x6d656d666162ull;  // fixed: rows are repeatable
   for (const Row& row : *rows) {
+    if (row.connections != options.connections) {
+      if (int rc = open(row.connections); rc != kExitOk) return rc;
+    }
     Result<RowResult> result = RunRow(*remote, row, flags.seconds, live_progress, seed++);
     if (!result.ok())
       return Report(kCmd, result.status(), HintFor(result.status(), url, flags.target.client));
@@ -338,8 +359,10 @@ void AddBenchCommand(CLI::App& app, std::vector<Command>& commands) {
   memfabric bench auto://10.0.0.5:7411/cache --seconds 5 --depth 32
   memfabric bench tcp://127.0.0.1:7411/cache --pattern randread,read --json > result.json
 Rows: randread/randwrite at depth 1 (latency) and --depth (IOPS) with --block requests;
-read/write sequential with --seq-block requests at --seq-depth. Writes overwrite the region
-and need its write lease. The first output line names the transport that carried the data.)");
+read/write sequential with --seq-block requests at --seq-depth. Random rows use --connections
+data connections (1: the fewest wake-ups per small request), sequential rows --seq-connections
+(2: large copies proceed in parallel); the region is reopened when that changes. Writes
+overwrite the region and need its write lease. The first output line names the transport that carried the data.)");
   sub->add_option("URL", flags->target.url, "The region: SCHEME://HOST[:PORT]/NAME")->required();
   sub->add_option("--seconds", flags->seconds, "Duration of each row")
       ->check(CLI::Range(0.1, 3600.0))
@@ -352,6 +375,14 @@ and need its write lease. The first output line names the transport that carried
       ->check(CLI::Range(size_t{1}, kMaxDepth))
       ->capture_default_str();
   sub->add_option("--seq-block", flags->seq_block, "Sequential request size (K/M suffixes)")
+      ->capture_default_str();
+  sub->add_option("--connections", flags->connections,
+                  "Data connections (TCP) or queue pairs (RDMA) for the random rows")
+      ->check(CLI::Range(1, 16))
+      ->capture_default_str();
+  sub->add_option("--seq-connections", flags->seq_connections,
+                  "Data connections (TCP) or queue pairs (RDMA) for the sequential rows")
+      ->check(CLI::Range(1, 16))
       ->capture_default_str();
   sub->add_option("--pattern", flags->pattern, "Comma-separated rows: randread, randwrite, read, write")
       ->capture_default_str();

@@ -181,6 +181,15 @@ int StartClient(std::string_view command, std::string_view url_text, bool need_r
   return kExitOk;
 }
 
+sigset_t BlockStopSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  return set;
+}
+
 Result<uint64_t> ParseByteCount(std::string_view what, std::string_view text) {
   Result<uint64_t> value = fabric::ParseSize(text);
   if (!value.ok()) {

@@ -8,6 +8,8 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <signal.h>
+
 #include <functional>
 #include <memory>
 #include <string>
@@ -82,6 +84,10 @@ int StartClient(std::string_view command, std::string_view url_text, bool need_r
 // of every page, sequential then random, each on a fresh mapping. Returns the exit code.
 int RunUffdScan(std::string_view command, const TargetFlags& target, const std::string& chunk, bool prefetch,
                 bool json);
+
+// Blocks SIGINT and SIGTERM in this thread and in every thread started after it (call it
+// before starting any), so that only a sigwait on the returned set receives them.
+sigset_t BlockStopSignals();
 
 // Parses a byte count such as "4096", "64K", "1G" for the option named `what`.
 Result<uint64_t> ParseByteCount(std::string_view what, std::string_view text);

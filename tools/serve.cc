@@ -67,17 +67,6 @@ Status WritePortFile(const std::string& path, uint16_t port) {
   return Status::Ok();
 }
 
-// Blocks SIGINT and SIGTERM in this thread and in every thread started after it, so that
-// only WaitForStopSignal receives them.
-sigset_t BlockStopSignals() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  return set;
-}
-
 int WaitForStopSignal(const sigset_t& set) {
   int received = 0;
   while (sigwait(&set, &received) != 0) {

@@ -120,11 +120,7 @@ int RunMount(const MountFlags& flags) {
   options.sync_interval = *interval;
 
   // Before any thread exists, so that only the main thread takes SIGINT/SIGTERM.
-  sigset_t stop;
-  sigemptyset(&stop);
-  sigaddset(&stop, SIGINT);
-  sigaddset(&stop, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+  const sigset_t stop = BlockStopSignals();
 
   Opened o;
   if (int rc = OpenMapping(kMountCmd, flags.target, flags.writable, flags.connections, options, &o); rc != kExitOk) {
