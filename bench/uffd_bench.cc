@@ -4,12 +4,12 @@
 // page order (sequential or random) at each chunk size; the table prints the ratios.
 //
 //   uffd_bench [--size 1G] [--chunks 4K,64K,2M] [--connections 4]
-#include <CLI/CLI.hpp>
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -34,16 +34,19 @@ using Clock = std::chrono::steady_clock;
 double Scan(const std::byte* base, const std::vector<uint32_t>& order) {
   auto start = Clock::now();
   uint64_t sum = 0;
-  for (uint32_t page : order) sum += static_cast<uint8_t>(*static_cast<const volatile std::byte*>(base + uint64_t{page} * kPageSize));
+  for (uint32_t page : order)
+    sum += static_cast<uint8_t>(*static_cast<const volatile std::byte*>(base + uint64_t{page} * kPageSize));
   double s = std::chrono::duration<double>(Clock::now() - start).count();
   if (sum == 0xdeadbeef) std::puts("");  // keep the loads
   return s;
 }
 
 // The physical limit: a local handler thread copying chunks from `source`.
-Result<double> RawScan(const std::byte* source, size_t size, size_t chunk, const std::vector<uint32_t>& order) {
+Result<double> RawScan(const std::byte* source, size_t size, size_t chunk,
+                       const std::vector<uint32_t>& order) {
   MF_ASSIGN_OR_RETURN(uffd::Userfaultfd uffd, uffd::Userfaultfd::Open(0));
-  void* addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* addr =
+      ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (addr == MAP_FAILED) return Status::FromErrno(errno, "mmap");
   MappedMemory memory(addr, size);
   (void)::madvise(addr, size, MADV_NOHUGEPAGE);
@@ -60,7 +63,8 @@ Result<double> RawScan(const std::byte* source, size_t size, size_t chunk, const
       if (!n.ok()) return;
       for (size_t i = 0; i < *n; ++i) {
         if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
-        uint64_t off = (msgs[i].arg.pagefault.address - reinterpret_cast<uint64_t>(base)) & ~uint64_t{chunk - 1};
+        uint64_t off =
+            (msgs[i].arg.pagefault.address - reinterpret_cast<uint64_t>(base)) & ~uint64_t{chunk - 1};
         (void)uffd.Copy(base + off, source + off, std::min<uint64_t>(chunk, size - off), false);
       }
     }
@@ -69,7 +73,8 @@ Result<double> RawScan(const std::byte* source, size_t size, size_t chunk, const
   uint64_t one = 1;
   (void)!::write(stop.get(), &one, sizeof(one));
   handler.join();
-  if (std::memcmp(base, source, std::min<size_t>(size, 1 << 20)) != 0) return Internal("raw scan read wrong bytes");
+  if (std::memcmp(base, source, std::min<size_t>(size, 1 << 20)) != 0)
+    return Internal("raw scan read wrong bytes");
   return seconds;
 }
 
@@ -81,7 +86,8 @@ Result<double> MappingScan(fabric::Remote& remote, const fabric::Region& region,
   MF_ASSIGN_OR_RETURN(auto mapping, uffd::Mapping::Create(remote, options));
   double seconds = Scan(mapping->data(), order);
   if (std::memcmp(mapping->data(), region.data(), std::min<size_t>(region.size(), 1 << 20)) != 0 ||
-      std::memcmp(mapping->data() + region.size() - kPageSize, region.data() + region.size() - kPageSize, kPageSize) != 0) {
+      std::memcmp(mapping->data() + region.size() - kPageSize, region.data() + region.size() - kPageSize,
+                  kPageSize) != 0) {
     return Internal("mapping read wrong bytes");
   }
   MF_RETURN_IF_ERROR(mapping->Close());
@@ -108,7 +114,8 @@ int Run(int argc, char** argv) {
   auto info = server.Create({"bench", *size, fabric::BackingKind::kAnonymous, ""});
   auto handle = server.Open("bench", false);
   if (!info.ok() || !handle.ok()) {
-    std::fprintf(stderr, "uffd_bench: %s\n", (info.ok() ? handle.status() : info.status()).ToString().c_str());
+    std::fprintf(stderr, "uffd_bench: %s\n",
+                 (info.ok() ? handle.status() : info.status()).ToString().c_str());
     return 1;
   }
   const fabric::Region& region = *handle->region();
@@ -146,10 +153,11 @@ int Run(int argc, char** argv) {
   std::shuffle(random.begin(), random.end(), std::mt19937(1));
   const double mb = static_cast<double>(*size) / 1e6;
 
-  std::printf("first-touch scan of %s, uffd Mapping over TCP loopback (%d connections) vs raw local uffd handler\n",
-              fabric::FormatSize(*size).c_str(), connections);
-  std::printf("%-6s %-6s %12s %14s %7s %16s %7s %12s\n", "chunk", "order", "raw MB/s", "mapping MB/s", "ratio",
-              "+prefetch MB/s", "ratio", "vs raw 4K");
+  std::printf(
+      "first-touch scan of %s, uffd Mapping over TCP loopback (%d connections) vs raw local uffd handler\n",
+      fabric::FormatSize(*size).c_str(), connections);
+  std::printf("%-6s %-6s %12s %14s %7s %16s %7s %12s\n", "chunk", "order", "raw MB/s", "mapping MB/s",
+              "ratio", "+prefetch MB/s", "ratio", "vs raw 4K");
   double raw4k_seq = 0;
   for (const std::string& ct : chunk_texts) {
     auto chunk = fabric::ParseSize(ct);
@@ -164,13 +172,17 @@ int Run(int argc, char** argv) {
       auto pre = MappingScan(**remote, region, *chunk, true, *order);
       if (!raw.ok() || !plain.ok() || !pre.ok()) {
         std::fprintf(stderr, "uffd_bench: %s\n",
-                     (!raw.ok() ? raw.status() : !plain.ok() ? plain.status() : pre.status()).ToString().c_str());
+                     (!raw.ok()     ? raw.status()
+                      : !plain.ok() ? plain.status()
+                                    : pre.status())
+                         .ToString()
+                         .c_str());
         return 1;
       }
       if (*chunk == 4096 && order == &sequential) raw4k_seq = mb / *raw;
       const double r = mb / *raw, p = mb / *plain, f = mb / *pre;
-      std::printf("%-6s %-6s %12.0f %14.0f %6.2fx %16.0f %6.2fx %11.2fx\n", ct.c_str(), name, r, p, p / r, f, f / r,
-                  raw4k_seq > 0 ? f / raw4k_seq : 0.0);
+      std::printf("%-6s %-6s %12.0f %14.0f %6.2fx %16.0f %6.2fx %11.2fx\n", ct.c_str(), name, r, p, p / r, f,
+                  f / r, raw4k_seq > 0 ? f / raw4k_seq : 0.0);
       std::fflush(stdout);
     }
   }
@@ -180,4 +192,6 @@ int Run(int argc, char** argv) {
 }  // namespace
 }  // namespace mf
 
-int main(int argc, char** argv) { return mf::Run(argc, argv); }
+int main(int argc, char** argv) {
+  return mf::Run(argc, argv);
+}

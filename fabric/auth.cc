@@ -42,8 +42,9 @@ Result<Secret> LoadSecret(const std::string& path) {
   }
   while (!bytes.empty() && (bytes.back() == '\n' || bytes.back() == '\r')) bytes.pop_back();
   if (bytes.size() < kMinSecretSize) {
-    return InvalidArgument(origin + " holds " + std::to_string(bytes.size()) + " bytes; a secret needs at least " +
-                           std::to_string(kMinSecretSize) + " (e.g. openssl rand -hex 32)");
+    return InvalidArgument(origin + " holds " + std::to_string(bytes.size()) +
+                           " bytes; a secret needs at least " + std::to_string(kMinSecretSize) +
+                           " (e.g. openssl rand -hex 32)");
   }
   return Secret(std::move(bytes));
 }

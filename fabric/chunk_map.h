@@ -27,7 +27,9 @@ class ChunkMap {
   }
 
   uint64_t size() const { return chunks_; }
-  ChunkState state(uint64_t i) const { return static_cast<ChunkState>(state_[i].load(std::memory_order_acquire)); }
+  ChunkState state(uint64_t i) const {
+    return static_cast<ChunkState>(state_[i].load(std::memory_order_acquire));
+  }
   // kRemote -> kInFlight; true for exactly one caller.
   bool TryClaim(uint64_t i) { return Transition(i, ChunkState::kRemote, ChunkState::kInFlight); }
   bool Transition(uint64_t i, ChunkState from, ChunkState to) {
@@ -35,8 +37,10 @@ class ChunkMap {
     return state_[i].compare_exchange_strong(expected, static_cast<uint8_t>(to), std::memory_order_acq_rel);
   }
   void Set(uint64_t i, ChunkState s) {
-    if (s == ChunkState::kLocal && state(i) != ChunkState::kLocal) local_.fetch_add(1, std::memory_order_relaxed);
-    if (s != ChunkState::kLocal && state(i) == ChunkState::kLocal) local_.fetch_sub(1, std::memory_order_relaxed);
+    if (s == ChunkState::kLocal && state(i) != ChunkState::kLocal)
+      local_.fetch_add(1, std::memory_order_relaxed);
+    if (s != ChunkState::kLocal && state(i) == ChunkState::kLocal)
+      local_.fetch_sub(1, std::memory_order_relaxed);
     state_[i].store(static_cast<uint8_t>(s), std::memory_order_release);
   }
 

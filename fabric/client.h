@@ -18,9 +18,9 @@
 namespace mf::fabric {
 
 struct OpenOptions {
-  bool writable = false;   // take the region's write lease (fails with kBusy if held)
-  int connections = 4;     // data-plane connections (TCP) or queue pairs (RDMA)
-  int queue_depth = 64;    // requests in flight per connection
+  bool writable = false;  // take the region's write lease (fails with kBusy if held)
+  int connections = 4;    // data-plane connections (TCP) or queue pairs (RDMA)
+  int queue_depth = 64;   // requests in flight per connection
 };
 
 class Client {

@@ -11,9 +11,14 @@ MemoryRegion::MemoryRegion(std::string name, uint64_t size) : bytes_(size) {
 }
 
 MemoryRemote::MemoryRemote(std::shared_ptr<MemoryRegion> region, bool writable, size_t max_transfer)
-    : region_(std::move(region)), writable_(writable), max_transfer_(max_transfer), worker_([this] { Worker(); }) {}
+    : region_(std::move(region)),
+      writable_(writable),
+      max_transfer_(max_transfer),
+      worker_([this] { Worker(); }) {}
 
-MemoryRemote::~MemoryRemote() { (void)Close(); }
+MemoryRemote::~MemoryRemote() {
+  (void)Close();
+}
 
 Result<Buffer> MemoryRemote::AllocateBuffer(size_t size) {
   MF_ASSIGN_OR_RETURN(MappedMemory memory, MappedMemory::Anonymous(size));
@@ -52,7 +57,8 @@ void MemoryRemote::Worker() {
         injected = fail_status_;
       }
     }
-    if (int64_t delay = delay_us_.load(); delay > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
+    if (int64_t delay = delay_us_.load(); delay > 0)
+      std::this_thread::sleep_for(std::chrono::microseconds(delay));
     if (injected.ok()) {
       std::byte* remote_bytes = region_->data() + r.offset;
       if (r.kind == IoKind::kRead) {
@@ -66,7 +72,9 @@ void MemoryRemote::Worker() {
   }
 }
 
-Status MemoryRemote::Flush() { return Status::Ok(); }
+Status MemoryRemote::Flush() {
+  return Status::Ok();
+}
 
 Status MemoryRemote::Close() {
   std::deque<IoRequest> aborted;
@@ -78,7 +86,8 @@ Status MemoryRemote::Close() {
   }
   cv_.notify_all();
   if (worker_.joinable()) worker_.join();
-  for (const IoRequest& r : aborted) r.callback->OnIoComplete(r.cookie, Status(Code::kAborted, "remote closed"));
+  for (const IoRequest& r : aborted)
+    r.callback->OnIoComplete(r.cookie, Status(Code::kAborted, "remote closed"));
   return Status::Ok();
 }
 

@@ -34,7 +34,8 @@ Result<MappedMemory> MappedMemory::Anonymous(size_t size) {
   if (size == 0) return InvalidArgument("cannot map 0 bytes");
   size_t rounded = AlignUp(size, kPageSize);
   void* p = ::mmap(nullptr, rounded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) return Status::FromErrno(errno, "mmap anonymous " + std::to_string(rounded) + " bytes");
+  if (p == MAP_FAILED)
+    return Status::FromErrno(errno, "mmap anonymous " + std::to_string(rounded) + " bytes");
   return MappedMemory(p, rounded);
 }
 

@@ -83,7 +83,11 @@ Status WriteAll(int fd, std::span<const std::byte> buf);
 Status ReadAll(int fd, std::span<std::byte> buf);
 
 // Rounds up to a multiple of `align` (a power of two).
-constexpr uint64_t AlignUp(uint64_t v, uint64_t align) { return (v + align - 1) & ~(align - 1); }
-constexpr bool IsPowerOfTwo(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
+constexpr uint64_t AlignUp(uint64_t v, uint64_t align) {
+  return (v + align - 1) & ~(align - 1);
+}
+constexpr bool IsPowerOfTwo(uint64_t v) {
+  return v != 0 && (v & (v - 1)) == 0;
+}
 
 }  // namespace mf

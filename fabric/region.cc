@@ -20,7 +20,9 @@ constexpr char kFreeHugePages[] = "/sys/kernel/mm/hugepages/hugepages-2048kB/fre
 Result<uint64_t> FreeHugePages() {
   std::ifstream in(kFreeHugePages);
   uint64_t free_pages = 0;
-  if (!(in >> free_pages)) return Unsupported("this system has no 2 MiB huge pages (" + std::string(kFreeHugePages) + " unreadable)");
+  if (!(in >> free_pages))
+    return Unsupported("this system has no 2 MiB huge pages (" + std::string(kFreeHugePages) +
+                       " unreadable)");
   return free_pages;
 }
 
@@ -44,7 +46,8 @@ Result<uint64_t> ParseSize(std::string_view text) {
   std::string suffix;
   for (char c : text.substr(i)) suffix += static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
   if (digits.empty()) {
-    return InvalidArgument("bad size '" + std::string(text) + "': expected a number with an optional K/M/G/T suffix, e.g. 64M");
+    return InvalidArgument("bad size '" + std::string(text) +
+                           "': expected a number with an optional K/M/G/T suffix, e.g. 64M");
   }
   uint64_t value = 0;
   auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), value);
@@ -63,9 +66,11 @@ Result<uint64_t> ParseSize(std::string_view text) {
   } else if (suffix == "T" || suffix == "TB" || suffix == "TIB") {
     shift = 40;
   } else {
-    return InvalidArgument("bad size suffix in '" + std::string(text) + "': use K, M, G or T (powers of 1024)");
+    return InvalidArgument("bad size suffix in '" + std::string(text) +
+                           "': use K, M, G or T (powers of 1024)");
   }
-  if (shift != 0 && value > (UINT64_MAX >> shift)) return InvalidArgument("size '" + std::string(text) + "' is too large");
+  if (shift != 0 && value > (UINT64_MAX >> shift))
+    return InvalidArgument("size '" + std::string(text) + "' is too large");
   return value << shift;
 }
 
@@ -81,7 +86,8 @@ std::string FormatSize(uint64_t bytes) {
   uint64_t scale = 1ull << (10 * unit);
   if (bytes % scale == 0) return std::to_string(bytes / scale) + " " + kUnits[unit];
   char buf[32];
-  std::snprintf(buf, sizeof(buf), "%.1f %s", static_cast<double>(bytes) / static_cast<double>(scale), kUnits[unit]);
+  std::snprintf(buf, sizeof(buf), "%.1f %s", static_cast<double>(bytes) / static_cast<double>(scale),
+                kUnits[unit]);
   return buf;
 }
 
@@ -95,7 +101,8 @@ Status ValidateRegionName(std::string_view name) {
   }
   for (char c : name) {
     if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') {
-      return InvalidArgument("region name '" + std::string(name) + "' may only hold letters, digits, '.', '_' and '-'");
+      return InvalidArgument("region name '" + std::string(name) +
+                             "' may only hold letters, digits, '.', '_' and '-'");
     }
   }
   return Status::Ok();
@@ -119,7 +126,8 @@ Result<RegionSpec> ParseRegionSpec(std::string_view text) {
     std::string_view option = rest.substr(0, comma);
     constexpr std::string_view kBacking = "backing=";
     if (option.substr(0, kBacking.size()) != kBacking) {
-      return InvalidArgument("unknown region option '" + std::string(option) + "'; the only option is backing=");
+      return InvalidArgument("unknown region option '" + std::string(option) +
+                             "'; the only option is backing=");
     }
     std::string_view backing = option.substr(kBacking.size());
     if (backing == "anon") {
@@ -134,7 +142,8 @@ Result<RegionSpec> ParseRegionSpec(std::string_view text) {
       spec.path = std::string(rest.substr(kBacking.size() + 5));
       break;
     } else {
-      return InvalidArgument("unknown backing '" + std::string(backing) + "'; use anon, memfd, hugetlb or file:PATH");
+      return InvalidArgument("unknown backing '" + std::string(backing) +
+                             "'; use anon, memfd, hugetlb or file:PATH");
     }
   }
   return spec;
@@ -164,7 +173,8 @@ Result<std::unique_ptr<Region>> Region::Create(const RegionSpec& spec, uint64_t 
     case BackingKind::kMemfd:
       fd.Reset(::memfd_create(spec.name.c_str(), MFD_CLOEXEC));
       if (!fd) return Status::FromErrno(errno, what + ": memfd_create");
-      if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) return Status::FromErrno(errno, what + ": ftruncate memfd");
+      if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0)
+        return Status::FromErrno(errno, what + ": ftruncate memfd");
       addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
       if (addr == MAP_FAILED) return Status::FromErrno(errno, what + ": mmap memfd");
       break;
@@ -176,11 +186,12 @@ Result<std::unique_ptr<Region>> Region::Create(const RegionSpec& spec, uint64_t 
       const uint64_t needed = size / kHugePageSize;
       if (free_pages < needed) {
         return Status(Code::kUnsupported, what + ": needs " + std::to_string(needed) +
-                                              " free 2 MiB huge pages but the system has " + std::to_string(free_pages) +
-                                              "; reserve them with: echo " + std::to_string(needed) +
-                                              " > /proc/sys/vm/nr_hugepages");
+                                              " free 2 MiB huge pages but the system has " +
+                                              std::to_string(free_pages) + "; reserve them with: echo " +
+                                              std::to_string(needed) + " > /proc/sys/vm/nr_hugepages");
       }
-      addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB, -1, 0);
+      addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE,
+                    MAP_SHARED | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB, -1, 0);
       if (addr == MAP_FAILED) return Status::FromErrno(errno, what + ": mmap hugetlb");
       break;
     }

@@ -60,8 +60,8 @@ class Region final {
   Region(RegionSpec spec, uint64_t generation, UniqueFd fd, MappedMemory memory);
   RegionSpec spec_;
   uint64_t generation_;
-  UniqueFd fd_;           // memfd or file; invalid for anonymous/hugetlb
-  MappedMemory memory_;   // declared after fd_: unmapped before the fd closes
+  UniqueFd fd_;          // memfd or file; invalid for anonymous/hugetlb
+  MappedMemory memory_;  // declared after fd_: unmapped before the fd closes
 };
 
 }  // namespace mf::fabric

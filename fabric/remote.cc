@@ -17,7 +17,8 @@ Status CheckRange(uint64_t offset, uint64_t length, uint64_t size) {
 Status ValidateRequest(const IoRequest& r, const Remote& remote) {
   if (r.data.empty()) return InvalidArgument("a request of 0 bytes");
   if (r.data.size() > remote.max_transfer()) {
-    return InvalidArgument("a request of " + std::to_string(r.data.size()) + " bytes exceeds the transport's limit of " +
+    return InvalidArgument("a request of " + std::to_string(r.data.size()) +
+                           " bytes exceeds the transport's limit of " +
                            std::to_string(remote.max_transfer()));
   }
   if (r.buffer == nullptr || r.data.data() < r.buffer->data() ||
@@ -78,7 +79,8 @@ Status Transfer(Remote& remote, IoKind kind, uint64_t offset, std::byte* user, s
     remote.Submit(requests);
     MF_RETURN_IF_ERROR(batch.Wait());
     if (kind == IoKind::kRead) {
-      for (const IoRequest& r : requests) std::memcpy(user + (r.offset - offset), r.data.data(), r.data.size());
+      for (const IoRequest& r : requests)
+        std::memcpy(user + (r.offset - offset), r.data.data(), r.data.size());
     }
     done += round;
   }

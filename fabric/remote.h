@@ -82,11 +82,11 @@ class IoCallback {
 
 struct IoRequest {
   IoKind kind = IoKind::kRead;
-  uint64_t offset = 0;          // byte offset in the region
-  std::span<std::byte> data;    // lies inside *buffer; its size is the transfer length
+  uint64_t offset = 0;        // byte offset in the region
+  std::span<std::byte> data;  // lies inside *buffer; its size is the transfer length
   const Buffer* buffer = nullptr;
   IoCallback* callback = nullptr;
-  uint64_t cookie = 0;          // handed back to the callback
+  uint64_t cookie = 0;  // handed back to the callback
 };
 
 class Remote {

@@ -6,7 +6,9 @@
 
 namespace mf::fabric {
 
-RegionHandle::~RegionHandle() { Release(); }
+RegionHandle::~RegionHandle() {
+  Release();
+}
 
 RegionHandle::RegionHandle(RegionHandle&& other) noexcept
     : server_(std::exchange(other.server_, nullptr)),
@@ -69,8 +71,8 @@ Result<RegionInfo> Server::CreateForClient(const RegionSpec& spec) {
   bool escapes = relative.empty() || relative.is_absolute();
   for (const auto& part : relative) escapes = escapes || part == "..";
   if (escapes) {
-    return Status(Code::kPermissionDenied, "file path '" + spec.path +
-                                               "' must be relative to the server's store, without '..'");
+    return Status(Code::kPermissionDenied,
+                  "file path '" + spec.path + "' must be relative to the server's store, without '..'");
   }
   RegionSpec inside = spec;
   inside.path = (std::filesystem::path(options_.store_dir) / relative).string();
@@ -99,7 +101,8 @@ Status Server::Delete(std::string_view name) {
     auto it = regions_.find(name);
     if (it == regions_.end()) return NotFound("no region named '" + std::string(name) + "'");
     if (writers_.count(it->second.get()) != 0) {
-      return Status(Code::kBusy, "region '" + std::string(name) + "' is open for writing; close the writer first");
+      return Status(Code::kBusy,
+                    "region '" + std::string(name) + "' is open for writing; close the writer first");
     }
     doomed = std::move(it->second);
     regions_.erase(it);
@@ -114,8 +117,9 @@ Result<RegionHandle> Server::Open(std::string_view name, bool writable) {
   if (it == regions_.end()) return NotFound("no region named '" + std::string(name) + "'");
   if (writable) {
     if (writers_.count(it->second.get()) != 0) {
-      return Status(Code::kBusy, "region '" + std::string(name) +
-                                     "' already has a writer (one writer per region); open it read-only or wait");
+      return Status(Code::kBusy,
+                    "region '" + std::string(name) +
+                        "' already has a writer (one writer per region); open it read-only or wait");
     }
     writers_.emplace(it->second.get(), true);
   }

@@ -74,17 +74,29 @@ class [[nodiscard]] Status {
 };
 
 // Shorthands for the common codes.
-inline Status InvalidArgument(std::string m) { return Status(Code::kInvalidArgument, std::move(m)); }
-inline Status NotFound(std::string m) { return Status(Code::kNotFound, std::move(m)); }
-inline Status OutOfRange(std::string m) { return Status(Code::kOutOfRange, std::move(m)); }
-inline Status ProtocolError(std::string m) { return Status(Code::kProtocolError, std::move(m)); }
-inline Status Internal(std::string m) { return Status(Code::kInternal, std::move(m)); }
-inline Status Unsupported(std::string m) { return Status(Code::kUnsupported, std::move(m)); }
+inline Status InvalidArgument(std::string m) {
+  return Status(Code::kInvalidArgument, std::move(m));
+}
+inline Status NotFound(std::string m) {
+  return Status(Code::kNotFound, std::move(m));
+}
+inline Status OutOfRange(std::string m) {
+  return Status(Code::kOutOfRange, std::move(m));
+}
+inline Status ProtocolError(std::string m) {
+  return Status(Code::kProtocolError, std::move(m));
+}
+inline Status Internal(std::string m) {
+  return Status(Code::kInternal, std::move(m));
+}
+inline Status Unsupported(std::string m) {
+  return Status(Code::kUnsupported, std::move(m));
+}
 
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : value_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : value_(std::move(value)) {}         // NOLINT: implicit by design
   Result(Status status) : status_(std::move(status)) {  // NOLINT: implicit by design
     if (status_.ok()) status_ = Internal("Result constructed from an OK status");
   }
@@ -110,9 +122,9 @@ class [[nodiscard]] Result {
 #define MF_CONCAT(a, b) MF_CONCAT_INNER(a, b)
 
 // Returns the Status of `expr` from the enclosing function when it is not OK.
-#define MF_RETURN_IF_ERROR(expr)            \
-  do {                                      \
-    ::mf::Status mf_status_ = (expr);       \
+#define MF_RETURN_IF_ERROR(expr)             \
+  do {                                       \
+    ::mf::Status mf_status_ = (expr);        \
     if (!mf_status_.ok()) return mf_status_; \
   } while (0)
 

@@ -18,11 +18,13 @@ Status ParseHostPort(std::string_view text, std::string* host, uint16_t* port) {
   std::string_view port_text;
   if (!text.empty() && text.front() == '[') {
     size_t close = text.find(']');
-    if (close == std::string_view::npos) return InvalidArgument("unclosed '[' in address '" + std::string(text) + "'");
+    if (close == std::string_view::npos)
+      return InvalidArgument("unclosed '[' in address '" + std::string(text) + "'");
     *host = std::string(text.substr(1, close - 1));
     std::string_view rest = text.substr(close + 1);
     if (!rest.empty()) {
-      if (rest.front() != ':') return InvalidArgument("expected ':PORT' after ']' in '" + std::string(text) + "'");
+      if (rest.front() != ':')
+        return InvalidArgument("expected ':PORT' after ']' in '" + std::string(text) + "'");
       port_text = rest.substr(1);
     }
   } else {
@@ -51,9 +53,10 @@ Result<Url> ParseUrl(std::string_view text) {
   Url url;
   size_t sep = text.find("://");
   if (sep == std::string_view::npos) {
-    return InvalidArgument("'" + std::string(text) +
-                           "' is not a memfabric URL; expected SCHEME://HOST[:PORT][/REGION] with SCHEME one of "
-                           "tcp, tls, rdma, auto (e.g. tcp://127.0.0.1:7411/cache)");
+    return InvalidArgument(
+        "'" + std::string(text) +
+        "' is not a memfabric URL; expected SCHEME://HOST[:PORT][/REGION] with SCHEME one of "
+        "tcp, tls, rdma, auto (e.g. tcp://127.0.0.1:7411/cache)");
   }
   std::string_view scheme = text.substr(0, sep);
   if (scheme == "tcp") {

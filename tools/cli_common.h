@@ -7,9 +7,9 @@
 // Thread-safety: used from the main thread only.
 #pragma once
 
-#include <CLI/CLI.hpp>
 #include <signal.h>
 
+#include <CLI/CLI.hpp>
 #include <functional>
 #include <memory>
 #include <string>

@@ -67,14 +67,16 @@ Result<std::chrono::milliseconds> ParseDuration(std::string_view text) {
     }
     value = value * 10 + static_cast<uint64_t>(c - '0');
   }
-  if (digits.empty()) return InvalidArgument("bad duration '" + std::string(text) + "': use e.g. 2s or 500ms");
+  if (digits.empty())
+    return InvalidArgument("bad duration '" + std::string(text) + "': use e.g. 2s or 500ms");
   return std::chrono::milliseconds(static_cast<int64_t>(value) * scale);
 }
 
 std::string Progress(const uffd::MappingStats& s) {
-  return fmt::format("local {}/{} chunks ({:.0f}%), dirty {}, pulled {}, pushed {}", s.local_chunks, s.chunks,
-                     s.chunks ? 100.0 * static_cast<double>(s.local_chunks) / static_cast<double>(s.chunks) : 0.0,
-                     s.dirty_chunks, fabric::FormatSize(s.bytes_pulled), fabric::FormatSize(s.bytes_pushed));
+  return fmt::format(
+      "local {}/{} chunks ({:.0f}%), dirty {}, pulled {}, pushed {}", s.local_chunks, s.chunks,
+      s.chunks ? 100.0 * static_cast<double>(s.local_chunks) / static_cast<double>(s.chunks) : 0.0,
+      s.dirty_chunks, fabric::FormatSize(s.bytes_pulled), fabric::FormatSize(s.bytes_pushed));
 }
 
 struct Opened {
@@ -86,7 +88,8 @@ struct Opened {
 int OpenMapping(std::string_view command, const TargetFlags& target, bool writable, int connections,
                 const uffd::MappingOptions& options, Opened* out) {
   fabric::Url url;
-  if (int rc = StartClient(command, target.url, true, target.client, &url, &out->client); rc != kExitOk) return rc;
+  if (int rc = StartClient(command, target.url, true, target.client, &url, &out->client); rc != kExitOk)
+    return rc;
   fabric::OpenOptions open;
   open.writable = writable;
   open.connections = connections;
@@ -104,7 +107,8 @@ int RunMount(const MountFlags& flags) {
     return Report(kMountCmd, InvalidArgument("choose one view: --uffd (this process's memory) or --nbd"));
   }
   if (flags.nbd) {
-    return Report(kMountCmd, Unsupported("--nbd is not built yet"), "use --uffd, or serve the region over NBD");
+    return Report(kMountCmd, Unsupported("--nbd is not built yet"),
+                  "use --uffd, or serve the region over NBD");
   }
   auto chunk = ParseByteCount("--chunk", flags.chunk);
   auto interval = ParseDuration(flags.sync_interval);
@@ -123,14 +127,16 @@ int RunMount(const MountFlags& flags) {
   const sigset_t stop = BlockStopSignals();
 
   Opened o;
-  if (int rc = OpenMapping(kMountCmd, flags.target, flags.writable, flags.connections, options, &o); rc != kExitOk) {
+  if (int rc = OpenMapping(kMountCmd, flags.target, flags.writable, flags.connections, options, &o);
+      rc != kExitOk) {
     return rc;
   }
   uffd::Mapping& m = *o.mapping;
   std::fprintf(stderr, "mapped %s of '%s' at %p over %s: chunk %s, prefetch %s, write tracking %s\n",
-               fabric::FormatSize(m.size()).c_str(), o.remote->info().name.c_str(), static_cast<void*>(m.data()),
-               std::string(o.remote->transport()).c_str(), fabric::FormatSize(m.chunk_size()).c_str(),
-               options.prefetch ? "on" : "off", std::string(uffd::WriteTrackingName(m.tracking())).c_str());
+               fabric::FormatSize(m.size()).c_str(), o.remote->info().name.c_str(),
+               static_cast<void*>(m.data()), std::string(o.remote->transport()).c_str(),
+               fabric::FormatSize(m.chunk_size()).c_str(), options.prefetch ? "on" : "off",
+               std::string(uffd::WriteTrackingName(m.tracking())).c_str());
 
   if (filling) {
     auto value = std::stoul(flags.fill, nullptr, 0);
@@ -182,8 +188,8 @@ int RunMount(const MountFlags& flags) {
 
 }  // namespace
 
-int RunUffdScan(std::string_view command, const TargetFlags& target, const std::string& chunk_text, bool prefetch,
-                bool json) {
+int RunUffdScan(std::string_view command, const TargetFlags& target, const std::string& chunk_text,
+                bool prefetch, bool json) {
   auto chunk = ParseByteCount("--chunk", chunk_text);
   if (!chunk.ok()) return Report(command, chunk.status());
   struct Row {
@@ -207,16 +213,18 @@ int RunUffdScan(std::string_view command, const TargetFlags& target, const std::
     uint64_t sum = 0;
     const auto start = std::chrono::steady_clock::now();
     for (uint32_t p : pages) {
-      sum += static_cast<uint8_t>(*static_cast<const volatile std::byte*>(o.mapping->data() + uint64_t{p} * kPageSize));
+      sum += static_cast<uint8_t>(
+          *static_cast<const volatile std::byte*>(o.mapping->data() + uint64_t{p} * kPageSize));
     }
     row.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     row.stats = o.mapping->stats();
     if (sum == 1) std::fputc(' ', stderr);  // keep the loads
   }
   if (json) {
-    std::printf("{\"transport\":\"%s\",\"view\":\"uffd\",\"size\":%llu,\"chunk\":%llu,\"prefetch\":%s,\"rows\":[",
-                transport.c_str(), static_cast<unsigned long long>(size), static_cast<unsigned long long>(*chunk),
-                prefetch ? "true" : "false");
+    std::printf(
+        "{\"transport\":\"%s\",\"view\":\"uffd\",\"size\":%llu,\"chunk\":%llu,\"prefetch\":%s,\"rows\":[",
+        transport.c_str(), static_cast<unsigned long long>(size), static_cast<unsigned long long>(*chunk),
+        prefetch ? "true" : "false");
     for (size_t i = 0; i < 2; ++i) {
       std::printf("%s{\"order\":\"%s\",\"mb_per_s\":%.1f,\"faults\":%llu}", i ? "," : "", rows[i].order,
                   static_cast<double>(size) / 1e6 / rows[i].seconds,
@@ -224,11 +232,13 @@ int RunUffdScan(std::string_view command, const TargetFlags& target, const std::
     }
     std::printf("]}\n");
   } else {
-    std::printf("first-touch scan through a uffd mapping over %s: %s, chunk %s, prefetch %s\n", transport.c_str(),
-                fabric::FormatSize(size).c_str(), fabric::FormatSize(*chunk).c_str(), prefetch ? "on" : "off");
+    std::printf("first-touch scan through a uffd mapping over %s: %s, chunk %s, prefetch %s\n",
+                transport.c_str(), fabric::FormatSize(size).c_str(), fabric::FormatSize(*chunk).c_str(),
+                prefetch ? "on" : "off");
     for (const Row& row : rows) {
       std::printf("  %-6s %8.0f MB/s  %8llu faults  %8.1f us/fault\n", row.order,
-                  static_cast<double>(size) / 1e6 / row.seconds, static_cast<unsigned long long>(row.stats.faults),
+                  static_cast<double>(size) / 1e6 / row.seconds,
+                  static_cast<unsigned long long>(row.stats.faults),
                   row.stats.faults ? row.seconds * 1e6 / static_cast<double>(row.stats.faults) : 0.0);
     }
   }
@@ -242,7 +252,8 @@ void AddMountCommand(CLI::App& app, std::vector<Command>& commands) {
   sub->add_option("URL", flags->target.url, "The region: SCHEME://HOST[:PORT]/NAME")->required();
   sub->add_flag("--uffd", flags->uffd, "Map into this process with userfaultfd");
   sub->add_flag("--nbd", flags->nbd, "As a /dev/nbdX block device (not built yet)");
-  sub->add_option("--chunk", flags->chunk, "Pull/push unit, a power of two from 4K to 2M")->capture_default_str();
+  sub->add_option("--chunk", flags->chunk, "Pull/push unit, a power of two from 4K to 2M")
+      ->capture_default_str();
   sub->add_flag("--no-prefetch", flags->no_prefetch, "Pull only what is touched");
   sub->add_flag("--writable", flags->writable, "Take the region's write lease (one writer per region)");
   sub->add_option("--fill", flags->fill, "Write this byte value (e.g. 0x5a) through the mapping, then sync");
@@ -251,7 +262,8 @@ void AddMountCommand(CLI::App& app, std::vector<Command>& commands) {
   sub->add_flag("--hold", flags->hold, "Stay mapped until SIGINT/SIGTERM, printing progress each second");
   sub->add_option("--sync-interval", flags->sync_interval, "Push dirty chunks this often (e.g. 2s, 500ms)")
       ->capture_default_str();
-  sub->add_option("--connections", flags->connections, "Data connections")->check(CLI::Range(1, 64))
+  sub->add_option("--connections", flags->connections, "Data connections")
+      ->check(CLI::Range(1, 64))
       ->capture_default_str();
   AddClientFlags(*sub, flags->target.client);
   commands.push_back({sub, [flags] { return RunMount(*flags); }});

@@ -54,14 +54,16 @@ Mapping::Mapping(fabric::Remote& remote, const MappingOptions& options)
       chunks_((remote.size() + options.chunk_size - 1) / options.chunk_size) {}
 
 Result<std::unique_ptr<Mapping>> Mapping::Create(fabric::Remote& remote, const MappingOptions& options) {
-  if (!IsPowerOfTwo(options.chunk_size) || options.chunk_size < kMinChunkSize || options.chunk_size > kMaxChunkSize) {
+  if (!IsPowerOfTwo(options.chunk_size) || options.chunk_size < kMinChunkSize ||
+      options.chunk_size > kMaxChunkSize) {
     return InvalidArgument("chunk size " + std::to_string(options.chunk_size) +
                            " must be a power of two from 4 KiB to 2 MiB");
   }
   if (remote.size() == 0 || remote.size() % kPageSize != 0) {
     return InvalidArgument("region size must be a non-zero multiple of 4 KiB");
   }
-  if (options.fault_depth == 0 || options.push_depth == 0 || (options.prefetch && options.prefetch_depth == 0)) {
+  if (options.fault_depth == 0 || options.push_depth == 0 ||
+      (options.prefetch && options.prefetch_depth == 0)) {
     return InvalidArgument("fault, push and prefetch depths must be at least 1");
   }
   std::unique_ptr<Mapping> m(new Mapping(remote, options));
@@ -81,10 +83,12 @@ Status Mapping::Init() {
     tracking_ = (available & UFFD_FEATURE_WP_ASYNC) != 0 ? WriteTracking::kAsync : WriteTracking::kSync;
   }
   if (tracking_ == WriteTracking::kAsync && (available & UFFD_FEATURE_WP_ASYNC) == 0) {
-    return Unsupported("this kernel has no asynchronous userfaultfd write-protect (needs Linux 6.7+); use sync tracking");
+    return Unsupported(
+        "this kernel has no asynchronous userfaultfd write-protect (needs Linux 6.7+); use sync tracking");
   }
   if (tracking_ != WriteTracking::kOff && (available & UFFD_FEATURE_PAGEFAULT_FLAG_WP) == 0) {
-    return Unsupported("this kernel has no userfaultfd write-protect (needs Linux 5.7+); map the region read-only");
+    return Unsupported(
+        "this kernel has no userfaultfd write-protect (needs Linux 5.7+); map the region read-only");
   }
   uint64_t wanted = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_POISON;
   // Without POISON, failing a chunk maps over it, which would block on our own UNMAP event.
@@ -103,7 +107,8 @@ Status Mapping::Init() {
 
   const int prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
   void* addr = ::mmap(nullptr, size_, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (addr == MAP_FAILED) return Status::FromErrno(errno, "mmap " + std::to_string(size_) + " bytes for the mapping");
+  if (addr == MAP_FAILED)
+    return Status::FromErrno(errno, "mmap " + std::to_string(size_) + " bytes for the mapping");
   memory_ = MappedMemory(addr, size_);
   base_ = memory_.data();
   // Children must not inherit a range whose faults only this process can serve; huge
@@ -136,12 +141,15 @@ Status Mapping::Init() {
   fault_thread_ = std::thread([this] { FaultLoop(); });
   if (options_.prefetch) prefetch_thread_ = std::thread([this] { PrefetchLoop(); });
   if (writable && options_.sync_interval.count() > 0) sync_thread_ = std::thread([this] { SyncLoop(); });
-  spdlog::debug("uffd mapping of '{}': {} bytes at {}, chunk {}, tracking {}, prefetch {}", remote_.info().name,
-                size_, static_cast<void*>(base_), chunk_size_, WriteTrackingName(tracking_), options_.prefetch);
+  spdlog::debug("uffd mapping of '{}': {} bytes at {}, chunk {}, tracking {}, prefetch {}",
+                remote_.info().name, size_, static_cast<void*>(base_), chunk_size_,
+                WriteTrackingName(tracking_), options_.prefetch);
   return Status::Ok();
 }
 
-Mapping::~Mapping() { (void)Close(); }
+Mapping::~Mapping() {
+  (void)Close();
+}
 
 size_t Mapping::ChunkLength(uint64_t chunk) const {
   const uint64_t offset = chunk * chunk_size_;
@@ -200,9 +208,10 @@ void Mapping::FaultLoop() {
         case UFFD_EVENT_REMOVE: HandleRemove(msg.arg.remove.start, msg.arg.remove.end); break;
         case UFFD_EVENT_UNMAP: HandleUnmap(msg.arg.remove.start, msg.arg.remove.end); break;
         case UFFD_EVENT_REMAP:
-          spdlog::error("uffd mapping of '{}' was moved with mremap, which is not supported; accesses at the new "
-                        "address will get SIGBUS",
-                        remote_.info().name);
+          spdlog::error(
+              "uffd mapping of '{}' was moved with mremap, which is not supported; accesses at the new "
+              "address will get SIGBUS",
+              remote_.info().name);
           HandleUnmap(msg.arg.remap.from, msg.arg.remap.from + msg.arg.remap.len);
           break;
         default: break;
@@ -282,7 +291,8 @@ void Mapping::HandleUnmap(uint64_t start, uint64_t end) {
   start = std::max(start, base);
   end = std::min(end, base + size_);
   if (start >= end) return;
-  spdlog::warn("uffd mapping of '{}': [{:#x}, {:#x}) was unmapped by the program", remote_.info().name, start, end);
+  spdlog::warn("uffd mapping of '{}': [{:#x}, {:#x}) was unmapped by the program", remote_.info().name, start,
+               end);
   MutexLock lock(mu_);
   unmapped_.emplace_back(start, end);
 }
@@ -332,8 +342,8 @@ void Mapping::SubmitChunk(fabric::IoKind kind, Slot& s, size_t slot, std::byte* 
   static_assert(sizeof(requests) / sizeof(requests[0]) >= kMaxChunkSize / kPageSize);
   for (uint32_t i = 0; i < pieces; ++i) {
     const size_t at = size_t{i} * piece;
-    requests[i] = fabric::IoRequest{kind,    s.chunk * chunk_size_ + at, {staged + at, std::min(piece, len - at)},
-                                    &buffer, done,                       slot};
+    requests[i] = fabric::IoRequest{
+        kind, s.chunk * chunk_size_ + at, {staged + at, std::min(piece, len - at)}, &buffer, done, slot};
   }
   remote_.Submit({requests, pieces});
 }
@@ -367,8 +377,8 @@ void Mapping::OnPullDone(size_t slot, const Status& piece_status) {
   const size_t len = ChunkLength(ps.chunk);
   std::byte* addr = ChunkAddress(ps.chunk);
   if (status.ok()) {
-    Status copied = uffd_->Copy(addr, pull_buffer_.data() + slot * chunk_size_, len,
-                                tracking_ != WriteTracking::kOff);
+    Status copied =
+        uffd_->Copy(addr, pull_buffer_.data() + slot * chunk_size_, len, tracking_ != WriteTracking::kOff);
     if (copied.ok()) {
       chunks_.Set(ps.chunk, fabric::ChunkState::kLocal);
       (ps.prefetch ? counters_.prefetches : counters_.pulls).fetch_add(1, std::memory_order_relaxed);
@@ -389,8 +399,9 @@ void Mapping::OnPullDone(size_t slot, const Status& piece_status) {
     }
   } else {
     counters_.failed_pulls.fetch_add(1, std::memory_order_relaxed);
-    spdlog::error("uffd mapping of '{}': cannot pull chunk {} (offset {}): {}; the faulting thread gets SIGBUS",
-                  remote_.info().name, ps.chunk, ps.chunk * chunk_size_, status.ToString());
+    spdlog::error(
+        "uffd mapping of '{}': cannot pull chunk {} (offset {}): {}; the faulting thread gets SIGBUS",
+        remote_.info().name, ps.chunk, ps.chunk * chunk_size_, status.ToString());
     chunks_.Set(ps.chunk, fabric::ChunkState::kFailed);
     FailChunk(ps.chunk);
   }
@@ -418,7 +429,8 @@ void Mapping::FailChunk(uint64_t chunk) {
   }
   // Older kernels: an empty file mapped over the chunk makes every access SIGBUS.
   UniqueFd empty(::memfd_create("memfabric-failed-chunk", MFD_CLOEXEC));
-  if (!empty || ::mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, empty.get(), 0) == MAP_FAILED) {
+  if (!empty ||
+      ::mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, empty.get(), 0) == MAP_FAILED) {
     spdlog::error("uffd mapping: cannot fail chunk {}: {}", chunk, std::strerror(errno));
   }
   (void)uffd_->Wake(addr, len);
@@ -465,7 +477,8 @@ Status Mapping::ScanWritten() {
       return Status::FromErrno(errno, "PAGEMAP_SCAN");
     }
     for (int i = 0; i < n; ++i) {
-      for (uint64_t c = (regions[i].start - base) / chunk_size_; c <= (regions[i].end - 1 - base) / chunk_size_; ++c) {
+      for (uint64_t c = (regions[i].start - base) / chunk_size_;
+           c <= (regions[i].end - 1 - base) / chunk_size_; ++c) {
         chunks_.SetDirty(c, true);
       }
     }

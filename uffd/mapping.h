@@ -75,12 +75,12 @@ struct MappingOptions {
 };
 
 struct MappingStats {
-  uint64_t faults = 0;        // missing-page faults handled
-  uint64_t wp_faults = 0;     // first-write faults (sync tracking)
-  uint64_t pulls = 0;         // chunks pulled for a fault
-  uint64_t prefetches = 0;    // chunks pulled by prefetch
+  uint64_t faults = 0;      // missing-page faults handled
+  uint64_t wp_faults = 0;   // first-write faults (sync tracking)
+  uint64_t pulls = 0;       // chunks pulled for a fault
+  uint64_t prefetches = 0;  // chunks pulled by prefetch
   uint64_t bytes_pulled = 0;
-  uint64_t pushes = 0;        // chunks pushed
+  uint64_t pushes = 0;  // chunks pushed
   uint64_t bytes_pushed = 0;
   uint64_t failed_pulls = 0;
   uint64_t chunks = 0;

@@ -48,10 +48,10 @@ TEST(MemoryRemote, InvalidRequestsCompleteInlineWithTheirError) {
   Buffer foreign = MemoryRemote(region, false).AllocateBuffer(4096).value();
   IoBatch batch(5);
   std::vector<IoRequest> reqs = {
-      {IoKind::kWrite, 0, buffer->span().first(4096), &*buffer, &batch, 1},            // read-only
-      {IoKind::kRead, 0, buffer->span().first(0), &*buffer, &batch, 2},                // empty
-      {IoKind::kRead, 1u << 20, buffer->span().first(1), &*buffer, &batch, 3},         // past end
-      {IoKind::kRead, 0, foreign.span(), &*buffer, &batch, 4},                         // not in buffer
+      {IoKind::kWrite, 0, buffer->span().first(4096), &*buffer, &batch, 1},                 // read-only
+      {IoKind::kRead, 0, buffer->span().first(0), &*buffer, &batch, 2},                     // empty
+      {IoKind::kRead, 1u << 20, buffer->span().first(1), &*buffer, &batch, 3},              // past end
+      {IoKind::kRead, 0, foreign.span(), &*buffer, &batch, 4},                              // not in buffer
       {IoKind::kRead, (1u << 20) - 4096, buffer->span().first(4096), &*buffer, &batch, 5},  // fine
   };
   reader.Submit(reqs);

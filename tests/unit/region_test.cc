@@ -111,8 +111,10 @@ TEST(Region, FileKeepsDataAcrossReopen) {
 
 TEST(Region, RejectsBadSizes) {
   EXPECT_EQ(Region::Create({"z", 0, BackingKind::kAnonymous, ""}, 1).status().code(), Code::kInvalidArgument);
-  EXPECT_EQ(Region::Create({"z", 4097, BackingKind::kAnonymous, ""}, 1).status().code(), Code::kInvalidArgument);
-  EXPECT_EQ(Region::Create({"z", 4096, BackingKind::kHugetlb, ""}, 1).status().code(), Code::kInvalidArgument);
+  EXPECT_EQ(Region::Create({"z", 4097, BackingKind::kAnonymous, ""}, 1).status().code(),
+            Code::kInvalidArgument);
+  EXPECT_EQ(Region::Create({"z", 4096, BackingKind::kHugetlb, ""}, 1).status().code(),
+            Code::kInvalidArgument);
 }
 
 TEST(Region, HugetlbWithoutPagesSaysHowToReserve) {

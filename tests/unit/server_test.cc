@@ -8,7 +8,6 @@
 namespace mf::fabric {
 namespace {
 
-
 TEST(Server, CreateStatListDelete) {
   Server server(ServerOptions{Secret("0123456789abcdef0123"), false, ""});
   auto info = server.Create({"a", 1 << 20, BackingKind::kAnonymous, ""});

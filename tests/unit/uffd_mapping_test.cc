@@ -1,8 +1,5 @@
 // uffd::Mapping on the real kernel userfaultfd, over MemoryRemote (the end-to-end tests
 // over TCP and RDMA are in tests/integration and tests/vm).
-#include "tests/death_test_util.h"
-#include "uffd/mapping.h"
-
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -12,6 +9,8 @@
 #include <thread>
 
 #include "fabric/memory_remote.h"
+#include "tests/death_test_util.h"
+#include "uffd/mapping.h"
 
 namespace mf::uffd {
 namespace {
@@ -34,8 +33,8 @@ struct Param {
 };
 
 std::string Name(const ::testing::TestParamInfo<Param>& info) {
-  return std::to_string(info.param.chunk >> 10) + "K_" + (info.param.prefetch ? "prefetch" : "noprefetch") + "_" +
-         (info.param.tracking == WriteTracking::kAsync ? "async" : "sync");
+  return std::to_string(info.param.chunk >> 10) + "K_" + (info.param.prefetch ? "prefetch" : "noprefetch") +
+         "_" + (info.param.tracking == WriteTracking::kAsync ? "async" : "sync");
 }
 
 class MappingTest : public ::testing::TestWithParam<Param> {
@@ -47,7 +46,8 @@ class MappingTest : public ::testing::TestWithParam<Param> {
     if (GetParam().tracking == WriteTracking::kAsync) {
       auto features = Userfaultfd::AvailableFeatures();
       ASSERT_TRUE(features.ok()) << features.status().ToString();
-      if ((*features & UFFD_FEATURE_WP_ASYNC) == 0) GTEST_SKIP() << "kernel lacks async WP (the VM suite covers sync)";
+      if ((*features & UFFD_FEATURE_WP_ASYNC) == 0)
+        GTEST_SKIP() << "kernel lacks async WP (the VM suite covers sync)";
     }
   }
   MappingOptions Options() const {
@@ -171,8 +171,8 @@ TEST_P(MappingTest, DontNeedDropsTheLocalCopyAndRepulls) {
   const std::byte server_byte = region_->data()[kPageSize];
   p[kPageSize] = ~server_byte;  // not synced
   ASSERT_EQ(::madvise(p, std::max(GetParam().chunk, 2 * kPageSize), MADV_DONTNEED), 0);
-  EXPECT_EQ(p[0], std::byte{1});             // synced value comes back from the server
-  EXPECT_EQ(p[kPageSize], server_byte);      // the unsynced write was dropped with the pages
+  EXPECT_EQ(p[0], std::byte{1});         // synced value comes back from the server
+  EXPECT_EQ(p[kPageSize], server_byte);  // the unsynced write was dropped with the pages
   EXPECT_EQ(std::memcmp(p, region_->data(), kSize), 0);
 }
 
