@@ -8,7 +8,11 @@
 # Prints each side's IOPS, MB/s and latency percentiles, and the ratio memfabric/nbdkit.
 #
 # Usage: bench/compare_nbdkit.sh            (builds the release preset when needed)
+# fio's nbd engine uses one connection; memfabric bench uses CONNECTIONS (1) for the 4 KiB
+# rows and SEQ_CONNECTIONS (2) for the 1 MiB rows (nbdkit runs a connection's requests on
+# several threads, a memfabric server worker runs one connection's requests).
 # Environment: ROW_SECONDS (default 3), REGION_SIZE (1G), DEPTH (16), SEQ_DEPTH (4),
+#   CONNECTIONS (1), SEQ_CONNECTIONS (2),
 #   NBD_SOCKET=unix|tcp (default unix, as in VM.md's reference figures),
 #   MEMFABRIC=path to a memfabric binary (skips the build).
 set -euo pipefail
@@ -18,6 +22,8 @@ ROW_SECONDS=${ROW_SECONDS:-3}
 REGION_SIZE=${REGION_SIZE:-1G}
 DEPTH=${DEPTH:-16}
 SEQ_DEPTH=${SEQ_DEPTH:-4}
+CONNECTIONS=${CONNECTIONS:-1}
+SEQ_CONNECTIONS=${SEQ_CONNECTIONS:-2}
 NBD_SOCKET=${NBD_SOCKET:-unix}
 SERVER_WAIT_TRIES=100  # x 0.1 s
 
@@ -94,6 +100,7 @@ PORT=$(cat "$WORK/port")
 echo "== memfabric: bench on tcp://127.0.0.1:$PORT/bench (${ROW_SECONDS}s per row)" >&2
 "$MEMFABRIC" bench "tcp://127.0.0.1:$PORT/bench" --insecure --quiet --json --seconds "$ROW_SECONDS" \
   --pattern write,randread,read,randwrite --block 4K --depth "$DEPTH" --seq-block 1M --seq-depth "$SEQ_DEPTH" \
+  --connections "$CONNECTIONS" --seq-connections "$SEQ_CONNECTIONS" \
   >"$WORK/memfabric.json" || die "memfabric bench failed"
 
 # ---- the table -----------------------------------------------------------------------

@@ -597,3 +597,52 @@ TEST(TcpTransport, OpenOptionsValidated) {
 
 }  // namespace
 }  // namespace mf::tcp::testing
+
+namespace mf::tcp {
+namespace {
+
+using testing::ClientOpts;
+using testing::TestServer;
+
+// Requests on one connection execute in order. A large READ reply is sent straight from
+// the region (not copied), so a WRITE right behind it on the same connection must not
+// change what the READ returns.
+TEST(TcpTransport, PipelinedReadThenWriteOfTheSameRangeKeepsOrder) {
+  constexpr size_t kLen = 1u << 20;
+  constexpr int kRounds = 50;
+  auto s = TestServer::Start();
+  ASSERT_NE(s, nullptr);
+  auto client = transports::Connect(s->url(), ClientOpts());
+  ASSERT_TRUE(client.ok()) << client.status().ToString();
+  ASSERT_TRUE((*client)->Create({"order", kLen, fabric::BackingKind::kAnonymous, ""}).ok());
+  fabric::OpenOptions oo;
+  oo.writable = true;
+  oo.connections = 1;
+  auto remote = (*client)->Open("order", oo);
+  ASSERT_TRUE(remote.ok()) << remote.status().ToString();
+  auto buffer = (*remote)->AllocateBuffer(2 * kLen);
+  ASSERT_TRUE(buffer.ok());
+  std::span<std::byte> read_into = buffer->span().first(kLen);
+  std::span<std::byte> write_from = buffer->span().subspan(kLen, kLen);
+  std::vector<std::byte> current(kLen, std::byte{0});
+  for (int round = 0; round < kRounds; ++round) {
+    const auto next = static_cast<std::byte>(round + 1);
+    std::fill(write_from.begin(), write_from.end(), next);
+    fabric::IoBatch batch(2);
+    const fabric::IoRequest requests[] = {
+        {fabric::IoKind::kRead, 0, read_into, &*buffer, &batch, 1},
+        {fabric::IoKind::kWrite, 0, write_from, &*buffer, &batch, 2},
+    };
+    (*remote)->Submit(requests);
+    ASSERT_TRUE(batch.Wait().ok());
+    ASSERT_TRUE(std::equal(read_into.begin(), read_into.end(), current.begin()))
+        << "round " << round << ": the READ saw the WRITE queued behind it";
+    std::fill(current.begin(), current.end(), next);
+  }
+  std::vector<std::byte> last(kLen);
+  ASSERT_TRUE(fabric::ReadAt(**remote, 0, last).ok());
+  EXPECT_EQ(last, current);
+}
+
+}  // namespace
+}  // namespace mf::tcp

@@ -1,11 +1,16 @@
 // ByteBuffer — a growable FIFO of bytes for a connection's input or output: append at the
 // back, consume from the front, without zero-filling what it grows into.
+// OutputQueue — a connection's unsent output: bytes it owns (copied into a ByteBuffer) and
+// references to memory that outlives the queue (a region's, for large READ replies), in
+// order, handed to a gathered write without copying the referenced bytes.
 //
 // Thread-safety: none; owned by one connection on one thread.
 #pragma once
 
 #include <cstddef>
+#include <algorithm>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <span>
 
@@ -66,6 +71,92 @@ class ByteBuffer final {
   size_t capacity_ = 0;
   size_t begin_ = 0;
   size_t end_ = 0;
+};
+
+class OutputQueue final {
+ public:
+  size_t size() const { return size_; }
+  bool empty() const { return size_ == 0; }
+  bool has_references() const { return references_ > 0; }
+
+  // Copies bytes to the back.
+  void Append(std::span<const std::byte> bytes) {
+    if (bytes.empty()) return;
+    if (pieces_.empty() || pieces_.back().external != nullptr) pieces_.push_back({nullptr, 0});
+    pieces_.back().length += bytes.size();
+    owned_.Append(bytes);
+    size_ += bytes.size();
+  }
+  // Queues bytes by reference: they must stay valid until consumed, and are sent as they
+  // are at that time (CopyReferences() freezes them).
+  void AppendReference(std::span<const std::byte> bytes) {
+    if (bytes.empty()) return;
+    pieces_.push_back({bytes.data(), bytes.size()});
+    size_ += bytes.size();
+    ++references_;
+  }
+  // Copies every referenced byte into the queue's own memory, keeping the order.
+  void CopyReferences() {
+    if (references_ == 0) return;
+    ByteBuffer copy;
+    auto owned = owned_.readable();
+    for (const Piece& p : pieces_) {
+      if (p.external != nullptr) {
+        copy.Append({p.external, p.length});
+      } else {
+        copy.Append(owned.first(p.length));
+        owned = owned.subspan(p.length);
+      }
+    }
+    owned_ = std::move(copy);
+    pieces_.clear();
+    pieces_.push_back({nullptr, size_});
+    references_ = 0;
+  }
+  // Fills `out` with the queue's pieces from the front; returns how many it filled.
+  size_t Gather(std::span<std::span<const std::byte>> out) const {
+    size_t count = 0;
+    auto owned = owned_.readable();
+    for (const Piece& p : pieces_) {
+      if (count == out.size()) break;
+      if (p.external != nullptr) {
+        out[count++] = {p.external, p.length};
+      } else {
+        out[count++] = owned.first(p.length);
+        owned = owned.subspan(p.length);
+      }
+    }
+    return count;
+  }
+  // Drops n bytes (at most size()) from the front.
+  void Consume(size_t n) {
+    size_ -= n;
+    while (n > 0) {
+      Piece& p = pieces_.front();
+      const size_t used = std::min(n, p.length);
+      if (p.external != nullptr) {
+        p.external += used;
+      } else {
+        owned_.Consume(used);
+      }
+      p.length -= used;
+      n -= used;
+      if (p.length == 0) {
+        if (p.external != nullptr) --references_;
+        pieces_.pop_front();
+      }
+    }
+  }
+
+ private:
+  struct Piece {
+    const std::byte* external;  // null: the next `length` bytes of owned_
+    size_t length;
+  };
+  ByteBuffer owned_;
+  std::deque<Piece> pieces_;
+  size_t size_ = 0;
+  size_t references_ = 0;
 };
 
 }  // namespace mf::tcp

@@ -12,6 +12,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 
@@ -275,14 +276,21 @@ Result<size_t> Stream::WriteSome(std::span<const std::byte> buf) {
   }
 }
 
-Result<size_t> Stream::WriteSomeV(std::span<const std::byte> first, std::span<const std::byte> second) {
-  if (tls_ || first.empty() || second.empty()) return WriteSome(first.empty() ? second : first);
+Result<size_t> Stream::WriteSomeV(std::span<const std::span<const std::byte>> pieces) {
+  std::array<iovec, kMaxGatherPieces> iov{};
+  size_t count = 0;
+  for (const auto& piece : pieces) {
+    if (piece.empty()) continue;
+    if (tls_) return WriteSome(piece);
+    if (count == iov.size()) break;
+    iov[count++] = iovec{const_cast<std::byte*>(piece.data()), piece.size()};
+  }
   write_wait_ = IoWait::kNone;
-  std::array<iovec, 2> iov{iovec{const_cast<std::byte*>(first.data()), first.size()},
-                           iovec{const_cast<std::byte*>(second.data()), second.size()}};
+  if (count == 0) return size_t{0};
+  if (count == 1) return WriteSome({static_cast<const std::byte*>(iov[0].iov_base), iov[0].iov_len});
   msghdr msg{};
   msg.msg_iov = iov.data();
-  msg.msg_iovlen = iov.size();
+  msg.msg_iovlen = count;
   while (true) {
     ssize_t n = ::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL);
     if (n >= 0) return static_cast<size_t>(n);
@@ -351,19 +359,31 @@ Status WriteExact(Stream& stream, std::span<const std::byte> buf, Clock::time_po
   return Status::Ok();
 }
 
-Status WriteExactV(Stream& stream, std::span<const std::byte> first, std::span<const std::byte> second,
-                   Clock::time_point deadline) {
-  while (!first.empty() || !second.empty()) {
-    MF_ASSIGN_OR_RETURN(size_t n, stream.WriteSomeV(first, second));
+Status WriteExactV(Stream& stream, std::span<std::span<const std::byte>> pieces, Clock::time_point deadline) {
+  while (!pieces.empty()) {
+    if (pieces.front().empty()) {
+      pieces = pieces.subspan(1);
+      continue;
+    }
+    MF_ASSIGN_OR_RETURN(size_t n, stream.WriteSomeV(pieces));
     if (n == 0) {
       MF_RETURN_IF_ERROR(WaitFd(stream.fd(), PollEvents(stream.write_wait()), deadline));
       continue;
     }
-    size_t from_first = std::min(n, first.size());
-    first = first.subspan(from_first);
-    second = second.subspan(n - from_first);
+    while (n > 0) {
+      const size_t used = std::min(n, pieces.front().size());
+      pieces.front() = pieces.front().subspan(used);
+      n -= used;
+      if (pieces.front().empty()) pieces = pieces.subspan(1);
+    }
   }
   return Status::Ok();
+}
+
+Status WriteExactV(Stream& stream, std::span<const std::byte> first, std::span<const std::byte> second,
+                   Clock::time_point deadline) {
+  std::array<std::span<const std::byte>, 2> pieces{first, second};
+  return WriteExactV(stream, pieces, deadline);
 }
 
 Status HandshakeBlocking(Stream& stream, Clock::time_point deadline) {

@@ -31,6 +31,9 @@ namespace mf::tcp {
 
 using Clock = std::chrono::steady_clock;
 
+// Pieces one gathered write takes at most (well below IOV_MAX, on the stack).
+inline constexpr size_t kMaxGatherPieces = 64;
+
 struct SslCtxDeleter {
   void operator()(SSL_CTX* ctx) const { SSL_CTX_free(ctx); }
 };
@@ -85,10 +88,10 @@ class Stream final {
   // failures.
   Result<size_t> ReadSome(std::span<std::byte> buf) MF_EXCLUDES(mu_);
   Result<size_t> WriteSome(std::span<const std::byte> buf) MF_EXCLUDES(mu_);
-  // Writes from `first` then `second` (a header and its payload) in one system call when
-  // the stream is plain TCP. Returns the bytes taken from both, as WriteSome.
-  Result<size_t> WriteSomeV(std::span<const std::byte> first, std::span<const std::byte> second)
-      MF_EXCLUDES(mu_);
+  // Writes from `pieces` in order (headers and payloads), gathered into one system call
+  // when the stream is plain TCP (at most kMaxGatherPieces of them); TLS writes from the
+  // first non-empty piece only. Returns the bytes taken from the front, as WriteSome.
+  Result<size_t> WriteSomeV(std::span<const std::span<const std::byte>> pieces) MF_EXCLUDES(mu_);
   IoWait read_wait() const { return read_wait_; }
   IoWait write_wait() const { return write_wait_; }
   // Bytes TLS has already decrypted and buffered (invisible to poll/epoll).
@@ -115,7 +118,10 @@ class Stream final {
 Status WaitFd(int fd, short events, Clock::time_point deadline);
 Status ReadExact(Stream& stream, std::span<std::byte> buf, Clock::time_point deadline);
 Status WriteExact(Stream& stream, std::span<const std::byte> buf, Clock::time_point deadline);
-// WriteExact of first then second, gathered into as few system calls as possible.
+// WriteExact of every piece in order, gathered into as few system calls as possible.
+// `pieces` is used as scratch: its spans are advanced past what was sent.
+Status WriteExactV(Stream& stream, std::span<std::span<const std::byte>> pieces, Clock::time_point deadline);
+// WriteExact of first then second (a header and its payload), gathered.
 Status WriteExactV(Stream& stream, std::span<const std::byte> first, std::span<const std::byte> second,
                    Clock::time_point deadline);
 Status HandshakeBlocking(Stream& stream, Clock::time_point deadline);

@@ -22,6 +22,14 @@ namespace {
 constexpr auto kReaderTick = std::chrono::milliseconds(50);  // deadline checks of a reader
 constexpr uint64_t kSlotIndexMask = 0xffffffffu;
 static_assert(kMaxQueueDepth <= kSlotIndexMask);
+// A reader's receive buffer: one recv takes in many small replies at once. The payload of a
+// READ reply beyond what this buffer caught is received straight into the caller's Buffer,
+// so at most this much of a large reply is copied.
+constexpr size_t kReceiveBufferSize = 64u << 10;
+static_assert(kReceiveBufferSize >= wire::kFrameHeaderSize + wire::kMaxMessageSize);
+// Requests gathered into one write of a data connection: a header and a payload each.
+constexpr size_t kMaxGather = kMaxGatherPieces / 2;
+static_assert(kMaxGather >= 1);
 
 // Reads one whole frame (header, then a payload of at most `max_payload` bytes).
 Status ReadFrame(Stream& stream, Clock::time_point deadline, wire::FrameHeader* header,
@@ -129,6 +137,12 @@ struct Slot {
   Clock::time_point deadline;
 };
 
+// A request on its way to a data connection, with the opcode that carries it.
+struct Outgoing {
+  const fabric::IoRequest* request = nullptr;
+  uint8_t opcode = 0;
+};
+
 class DataConnection {
  public:
   DataConnection(std::unique_ptr<Stream> stream, int queue_depth, std::chrono::milliseconds io_timeout,
@@ -157,15 +171,22 @@ class DataConnection {
     return dead_;
   }
 
-  // Sends one request (READ, WRITE, FLUSH or CLOSE); it completes through its callback.
-  // Blocks while every slot is taken. Returns false, with why, when the connection is dead
-  // and the request was not taken.
-  bool Send(const fabric::IoRequest& request, uint8_t opcode, Status* why) MF_EXCLUDES(mu_, send_mu_);
+  // Sends requests from the front of `requests` (READ, WRITE, FLUSH or CLOSE) in one
+  // gathered write, as many as there are free slots (at most kMaxGather); each completes
+  // through its callback. Blocks while every slot is taken. Returns how many were taken:
+  // 0, with why, when the connection is dead.
+  size_t Send(std::span<const Outgoing> requests, Status* why) MF_EXCLUDES(mu_, send_mu_);
+  // Send of one request: false, with why, when it was not taken.
+  bool Send(const fabric::IoRequest& request, uint8_t opcode, Status* why) MF_EXCLUDES(mu_, send_mu_) {
+    const Outgoing one{&request, opcode};
+    return Send(std::span(&one, 1), why) == 1;
+  }
 
  private:
   void ReadLoop() MF_EXCLUDES(mu_);
-  // Completes the reply whose first `have` header bytes are in raw.
-  Status ReadOne(std::array<std::byte, wire::kFrameHeaderSize>& raw, size_t have) MF_EXCLUDES(mu_);
+  // Completes the reply whose header is at the front of the receive buffer, taking its
+  // payload from the buffer and then from the socket.
+  Status ReadOne() MF_EXCLUDES(mu_);
   // Reader thread, once, as it stops: marks the connection dead and completes every
   // request not being sent (their senders complete those).
   void FailAll(const Status& status) MF_EXCLUDES(mu_);
@@ -185,52 +206,72 @@ class DataConnection {
   bool reader_done_ MF_GUARDED_BY(mu_) = false;  // FailAll ran; the reader has stopped
   Status dead_status_ MF_GUARDED_BY(mu_);
   std::array<std::byte, wire::kMaxMessageSize> message_{};  // reader thread only
-  std::thread reader_;                                      // last: uses everything above
+  // Reader thread only: received bytes not yet taken are [rx_begin_, rx_end_).
+  std::unique_ptr<std::byte[]> rx_{new std::byte[kReceiveBufferSize]};
+  size_t rx_begin_ = 0;
+  size_t rx_end_ = 0;
+  std::thread reader_;  // last: uses everything above
 };
 
-bool DataConnection::Send(const fabric::IoRequest& request, uint8_t opcode, Status* why) {
-  uint32_t index = 0;
-  wire::FrameHeader h;
+size_t DataConnection::Send(std::span<const Outgoing> requests, Status* why) {
+  std::array<uint32_t, kMaxGather> index{};
+  std::array<uint64_t, kMaxGather> tag{};
+  size_t count = 0;
   {
     MutexLock lock(mu_);
     // The analysis cannot see through the predicate; mu_ is held when it runs.
     slot_cv_.wait(mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return dead_ || !free_.empty(); });
     if (dead_) {
       *why = dead_status_;
-      return false;
+      return 0;
     }
-    index = free_.back();
-    free_.pop_back();
-    Slot& s = slots_[index];
-    s.request = request;
-    s.opcode = opcode;
-    s.in_use = true;
-    s.sending = true;
-    s.deadline = Clock::now() + io_timeout_;
-    h.tag = (static_cast<uint64_t>(s.generation) << 32) | index;
+    count = std::min({requests.size(), free_.size(), kMaxGather});
+    const auto deadline = Clock::now() + io_timeout_;
+    for (size_t i = 0; i < count; ++i) {
+      index[i] = free_.back();
+      free_.pop_back();
+      Slot& s = slots_[index[i]];
+      s.request = *requests[i].request;
+      s.opcode = requests[i].opcode;
+      s.in_use = true;
+      s.sending = true;
+      s.deadline = deadline;
+      tag[i] = (static_cast<uint64_t>(s.generation) << 32) | index[i];
+    }
   }
-  h.opcode = opcode;
-  h.offset = request.offset;
-  const bool write = opcode == static_cast<uint8_t>(wire::Opcode::kWrite);
-  std::span<const std::byte> payload;
-  if (write) {
-    payload = request.data;
-    h.payload_length = static_cast<uint32_t>(payload.size());
-  } else if (opcode == static_cast<uint8_t>(wire::Opcode::kRead)) {
-    h.length = static_cast<uint32_t>(request.data.size());
+  // Headers and payloads, straight from the callers' Buffers.
+  std::array<std::array<std::byte, wire::kFrameHeaderSize>, kMaxGather> headers{};
+  std::array<std::span<const std::byte>, 2 * kMaxGather> pieces{};
+  size_t piece_count = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const fabric::IoRequest& request = *requests[i].request;
+    wire::FrameHeader h;
+    h.opcode = requests[i].opcode;
+    h.tag = tag[i];
+    h.offset = request.offset;
+    if (h.opcode == static_cast<uint8_t>(wire::Opcode::kWrite)) {
+      h.payload_length = static_cast<uint32_t>(request.data.size());
+    } else if (h.opcode == static_cast<uint8_t>(wire::Opcode::kRead)) {
+      h.length = static_cast<uint32_t>(request.data.size());
+    }
+    wire::EncodeFrameHeader(h, headers[i]);
+    pieces[piece_count++] = headers[i];
+    if (h.payload_length != 0) pieces[piece_count++] = request.data;
   }
   Status sent;
   {
     MutexLock lock(send_mu_);
-    sent = SendFrame(*stream_, h, payload, Clock::now() + io_timeout_);
+    sent = WriteExactV(*stream_, std::span(pieces).first(piece_count), Clock::now() + io_timeout_);
   }
-  fabric::IoCallback* orphan = nullptr;
-  uint64_t cookie = 0;
+  struct Orphan {
+    fabric::IoCallback* callback;
+    uint64_t cookie;
+  };
+  std::array<Orphan, kMaxGather> orphans{};
+  size_t orphan_count = 0;
   Status orphan_status;
   {
     MutexLock lock(mu_);
-    Slot& s = slots_[index];
-    s.sending = false;
     if (!sent.ok() && !dead_) {
       dead_ = true;
       dead_status_ = sent.code() == Code::kTimeout ? Status(Code::kTimeout, "server stopped reading requests")
@@ -238,19 +279,25 @@ bool DataConnection::Send(const fabric::IoRequest& request, uint8_t opcode, Stat
       stream_->Shutdown();  // wakes the reader, which fails the rest
       slot_cv_.notify_all();
     }
-    // Once the reader has failed everything and exited it completes nothing more; it
-    // skipped this request while it was being sent, so it is ours. Until then the reader
-    // remains the only one completing requests.
-    if (reader_done_ && s.in_use && s.generation == static_cast<uint32_t>(h.tag >> 32)) {
-      orphan = s.request.callback;
-      cookie = s.request.cookie;
-      orphan_status = *closing_ ? Status(Code::kAborted, "remote closed") : dead_status_;
-      s.in_use = false;
-      ++s.generation;
+    orphan_status = *closing_ ? Status(Code::kAborted, "remote closed") : dead_status_;
+    for (size_t i = 0; i < count; ++i) {
+      Slot& s = slots_[index[i]];
+      // Its reply may have come while later requests of the group were still being sent:
+      // then the reader completed it and the slot may already carry another request.
+      if (s.generation != static_cast<uint32_t>(tag[i] >> 32)) continue;
+      s.sending = false;
+      // Once the reader has failed everything and exited it completes nothing more; it
+      // skipped this request while it was being sent, so it is ours. Until then the reader
+      // remains the only one completing requests.
+      if (reader_done_ && s.in_use) {
+        orphans[orphan_count++] = {s.request.callback, s.request.cookie};
+        s.in_use = false;
+        ++s.generation;
+      }
     }
   }
-  if (orphan != nullptr) orphan->OnIoComplete(cookie, orphan_status);
-  return true;
+  for (size_t i = 0; i < orphan_count; ++i) orphans[i].callback->OnIoComplete(orphans[i].cookie, orphan_status);
+  return count;
 }
 
 void DataConnection::Release(uint32_t index) {
@@ -316,22 +363,30 @@ void DataConnection::ReadLoop() {
         return;
       }
     }
-    if (!stream_->HasBufferedInput()) {
-      pollfd p{stream_->fd(), POLLIN, 0};
-      int n = ::poll(&p, 1, static_cast<int>(kReaderTick.count()));
-      if (n < 0 && errno != EINTR) {
-        FailAll(Status::FromErrno(errno, "poll"));
-        return;
+    Status st;
+    if (rx_end_ - rx_begin_ >= wire::kFrameHeaderSize) {
+      // A reply has started: it is read to its end against a deadline.
+      st = ReadOne();
+    } else {
+      // Take in what has arrived; wait only when nothing has. TLS may wake us for records
+      // that carry no data (session tickets, key updates).
+      if (rx_begin_ > 0) {
+        std::memmove(rx_.get(), rx_.get() + rx_begin_, rx_end_ - rx_begin_);
+        rx_end_ -= rx_begin_;
+        rx_begin_ = 0;
       }
-      if (n <= 0) continue;
+      auto n = stream_->ReadSome(std::span(rx_.get() + rx_end_, kReceiveBufferSize - rx_end_));
+      st = n.status();
+      if (st.ok() && *n > 0) {
+        rx_end_ += *n;
+        continue;
+      }
+      if (st.ok()) {
+        pollfd p{stream_->fd(), static_cast<short>(stream_->read_wait() == IoWait::kWrite ? POLLOUT : POLLIN), 0};
+        int ready = ::poll(&p, 1, static_cast<int>(kReaderTick.count()));
+        if (ready < 0 && errno != EINTR) st = Status::FromErrno(errno, "poll");
+      }
     }
-    // Only a reply that has started is read against a deadline: TLS may wake us for
-    // records that carry no data (session tickets, key updates).
-    std::array<std::byte, wire::kFrameHeaderSize> header{};
-    auto first = stream_->ReadSome(header);
-    Status st = first.status();
-    if (st.ok() && *first == 0) continue;
-    if (st.ok()) st = ReadOne(header, *first);
     if (!st.ok()) {
       if (!*closing_) spdlog::warn("tcp client: data connection failed: {}", st.ToString());
       FailAll(
@@ -343,12 +398,12 @@ void DataConnection::ReadLoop() {
   }
 }
 
-// Receives one reply and completes its request.
-Status DataConnection::ReadOne(std::array<std::byte, wire::kFrameHeaderSize>& raw, size_t have) {
+Status DataConnection::ReadOne() {
   const auto deadline = Clock::now() + io_timeout_;
-  MF_RETURN_IF_ERROR(ReadExact(*stream_, std::span(raw).subspan(have), deadline));
   wire::FrameHeader h;
-  MF_RETURN_IF_ERROR(wire::DecodeFrameHeader(raw, &h).status());
+  MF_RETURN_IF_ERROR(
+      wire::DecodeFrameHeader(std::span(rx_.get() + rx_begin_, wire::kFrameHeaderSize), &h).status());
+  rx_begin_ += wire::kFrameHeaderSize;
   if (!h.reply) return ProtocolError("server sent a request on a data connection");
   const uint32_t index = static_cast<uint32_t>(h.tag & kSlotIndexMask);
   const uint32_t generation = static_cast<uint32_t>(h.tag >> 32);
@@ -361,22 +416,27 @@ Status DataConnection::ReadOne(std::array<std::byte, wire::kFrameHeaderSize>& ra
     }
     request = slots_[index].request;
   }
-  Status status;
+  std::span<std::byte> payload;
   if (h.status != Code::kOk) {
     if (h.payload_length > message_.size()) return ProtocolError("error reply too long");
-    auto text = std::span(message_).first(h.payload_length);
-    MF_RETURN_IF_ERROR(ReadExact(*stream_, text, deadline));
-    status = wire::ReplyStatus(h, text);
+    payload = std::span(message_).first(h.payload_length);
   } else if (h.opcode == static_cast<uint8_t>(wire::Opcode::kRead)) {
     if (h.payload_length != request.data.size()) {
       return ProtocolError(
           fmt::format("READ reply of {} bytes for {} asked", h.payload_length, request.data.size()));
     }
-    // Straight into the caller's buffer: the slot stays ours until released below.
-    MF_RETURN_IF_ERROR(ReadExact(*stream_, request.data, deadline));
+    payload = request.data;  // the slot stays ours until released below
   } else if (h.payload_length != 0) {
     return ProtocolError(fmt::format("unexpected payload in a {} reply", wire::OpcodeName(h.opcode)));
   }
+  // What the receive buffer holds of the payload, then the rest straight from the socket.
+  const size_t buffered = std::min(payload.size(), rx_end_ - rx_begin_);
+  if (buffered > 0) std::memcpy(payload.data(), rx_.get() + rx_begin_, buffered);
+  rx_begin_ += buffered;
+  if (rx_begin_ == rx_end_) rx_begin_ = rx_end_ = 0;
+  if (buffered < payload.size()) MF_RETURN_IF_ERROR(ReadExact(*stream_, payload.subspan(buffered), deadline));
+  Status status;
+  if (h.status != Code::kOk) status = wire::ReplyStatus(h, payload);
   {
     MutexLock lock(mu_);
     if (!slots_[index].in_use || slots_[index].generation != generation)
@@ -420,7 +480,10 @@ class TcpRemote final : public fabric::Remote {
     return fabric::Buffer(std::move(memory), nullptr);
   }
 
+  // Valid requests go out in groups: each connection's share of a group is one write.
   void Submit(std::span<const fabric::IoRequest> requests) override {
+    std::array<Outgoing, kMaxGather> group{};
+    size_t count = 0;
     for (const auto& r : requests) {
       if (r.callback == nullptr) continue;  // cannot be completed; a caller bug
       Status invalid = Validate(r);
@@ -428,11 +491,14 @@ class TcpRemote final : public fabric::Remote {
         r.callback->OnIoComplete(r.cookie, invalid);
         continue;
       }
-      uint8_t op =
-          static_cast<uint8_t>(r.kind == fabric::IoKind::kRead ? wire::Opcode::kRead : wire::Opcode::kWrite);
-      Status why = SendAnywhere(r, op);
-      if (!why.ok()) r.callback->OnIoComplete(r.cookie, why);
+      group[count++] = {&r, static_cast<uint8_t>(r.kind == fabric::IoKind::kRead ? wire::Opcode::kRead
+                                                                                 : wire::Opcode::kWrite)};
+      if (count == group.size()) {
+        SendAnywhere(group);
+        count = 0;
+      }
     }
+    if (count > 0) SendAnywhere(std::span(group).first(count));
   }
 
   Status Flush() override {
@@ -503,17 +569,26 @@ class TcpRemote final : public fabric::Remote {
     return Status::Ok();
   }
 
-  // Round-robin over live connections. Allocates only on failure.
-  Status SendAnywhere(const fabric::IoRequest& r, uint8_t op) {
+  // Spreads `group` over the live connections, round-robin, in contiguous shares; fails
+  // what no connection took. Allocates only on failure.
+  void SendAnywhere(std::span<const Outgoing> group) {
     Status why;
     const size_t n = conns_.size();
-    const size_t first = next_.fetch_add(1, std::memory_order_relaxed);
-    for (size_t i = 0; i < n; ++i) {
-      if (conns_[(first + i) % n]->Send(r, op, &why)) return Status::Ok();
+    const size_t share = (group.size() + n - 1) / n;
+    size_t next = next_.fetch_add(1, std::memory_order_relaxed);
+    size_t dead_in_a_row = 0;  // a dead connection stays dead: n in a row means all are
+    while (!group.empty() && dead_in_a_row < n) {
+      const size_t taken = conns_[next++ % n]->Send(group.first(std::min(share, group.size())), &why);
+      dead_in_a_row = taken == 0 ? dead_in_a_row + 1 : 0;
+      group = group.subspan(taken);
     }
-    if (closing_) return Status(Code::kAborted, "remote closed");
-    if (why.ok()) why = Status(Code::kUnavailable, "no connection to the server left");
-    return why;
+    if (group.empty()) return;
+    if (closing_) {
+      why = Status(Code::kAborted, "remote closed");
+    } else if (why.ok()) {
+      why = Status(Code::kUnavailable, "no connection to the server left");
+    }
+    for (const Outgoing& o : group) o.request->callback->OnIoComplete(o.request->cookie, why);
   }
 
   bool AllDead() {

@@ -42,6 +42,14 @@ constexpr uint64_t kListenId = 0;  // epoll ids that are not connections
 constexpr uint64_t kWakeId = 1;
 constexpr uint64_t kFirstConnId = 2;
 static_assert(kReadChunk <= wire::kMaxFrameSize && kReadBudget >= wire::kMaxFrameSize);
+// READ replies at least this large are sent straight from the region (gathered write, no
+// copy into the output buffer); smaller ones are copied, which is cheaper than an iovec.
+constexpr size_t kSendFromRegionMin = 16u << 10;
+static_assert(kSendFromRegionMin <= wire::kMaxPayload);
+// WRITE payloads at least this large are received straight into the region once their
+// header is checked, instead of through the input buffer.
+constexpr size_t kReceiveIntoRegionMin = 64u << 10;
+static_assert(kReceiveIntoRegionMin <= wire::kMaxPayload);
 
 // One OPEN: the region's memory (kept alive by `reader`), its write lease (`writer`, for
 // writable opens, released by CLOSE) and the data connections attached to it.
@@ -144,6 +152,15 @@ class OpenTable {
 
 enum class ConnState : uint8_t { kTlsHandshake, kHello, kAuth, kReady, kDraining };
 
+// A large WRITE whose payload is being received straight into the region.
+struct DirectWrite {
+  wire::FrameHeader request;
+  std::byte* to = nullptr;  // in the region of the connection's open
+  size_t length = 0;
+  size_t done = 0;
+  bool denied = false;  // the lease is gone: the rest is read and dropped
+};
+
 struct Conn {
   uint64_t id = 0;
   std::unique_ptr<Stream> stream;
@@ -152,16 +169,17 @@ struct Conn {
   wire::Channel channel = wire::Channel::kControl;
   fabric::Nonce client_nonce{};
   fabric::Nonce server_nonce{};
+  std::shared_ptr<OpenEntry> open;  // data connections, once attached
   ByteBuffer in;
-  ByteBuffer out;
+  OutputQueue out;  // may reference the region of `open`, declared after it: dies first
   size_t need = wire::kHelloPrefixSize;  // bytes the next message needs in `in`
   Clock::time_point created;
   std::optional<Clock::time_point> partial_since;  // a message is partly received
+  std::optional<DirectWrite> direct;               // set: payload bytes go to the region
   Clock::time_point last_write_progress;
   bool paused = false;              // output full: not reading
   bool flush_pending = false;       // a FLUSH runs on the flusher: wait for it
   uint32_t events = 0;              // current epoll interest
-  std::shared_ptr<OpenEntry> open;  // data connections, once attached
   std::string close_reason;         // set: close after this event
   bool close_is_warning = false;
 };
@@ -273,6 +291,12 @@ class TcpServer::Impl::Worker {
   void OnEvent(Conn& c, uint32_t events);
   void Drive(Conn& c);
   void ReadInput(Conn& c);
+  // One non-blocking read into c.in, or into the region while c.direct is set.
+  Result<size_t> ReceiveBuffered(Conn& c);
+  Result<size_t> ReceiveDirect(Conn& c);
+  // A WRITE whose payload should bypass c.in: starts c.direct and returns true.
+  bool StartDirectWrite(Conn& c, const wire::FrameHeader& h);
+  void FinishDirectWrite(Conn& c);
   void ProcessInput(Conn& c);
   void FlushOutput(Conn& c);
   void UpdateInterest(Conn& c);
@@ -288,7 +312,10 @@ class TcpServer::Impl::Worker {
   void OnAttach(Conn& c, const wire::FrameHeader& h, std::span<const std::byte> payload);
   Status DoOpen(const wire::OpenRequest& request, std::vector<std::byte>* reply);
 
-  void Reply(Conn& c, const wire::FrameHeader& request, std::span<const std::byte> payload);
+  // Queues a reply; with `by_reference`, the payload is sent from where it lies (region
+  // memory kept alive by c.open) instead of being copied.
+  void Reply(Conn& c, const wire::FrameHeader& request, std::span<const std::byte> payload,
+             bool by_reference = false);
   void ReplyError(Conn& c, const wire::FrameHeader& request, const Status& status);
   void CloseAfterReplies(Conn& c, std::string reason, bool warning);
   void Close(Conn& c, std::string reason, bool warning);
@@ -561,12 +588,15 @@ void TcpServer::Impl::Worker::Drive(Conn& c) {
 void TcpServer::Impl::Worker::ReadInput(Conn& c) {
   size_t budget = kReadBudget;
   while (budget > 0 && !c.paused && !c.flush_pending && c.close_reason.empty()) {
-    size_t want = std::max(kReadChunk, c.need > c.in.size() ? c.need - c.in.size() : 0);
-    auto space = c.in.Writable(want).first(want);
-    auto n = c.stream->ReadSome(space);
+    auto n = c.direct ? ReceiveDirect(c) : ReceiveBuffered(c);
     if (!n.ok()) {
       bool eof = n.status().code() == Code::kUnavailable;
-      if (eof && c.in.size() > 0) {
+      if (eof && c.direct) {
+        Close(c,
+              fmt::format("disconnected in the middle of a WRITE ({} bytes of {} received)", c.direct->done,
+                          c.direct->length),
+              true);
+      } else if (eof && c.in.size() > 0) {
         Close(c,
               fmt::format("disconnected in the middle of a message ({} bytes of {} received)", c.in.size(),
                           c.need),
@@ -577,12 +607,77 @@ void TcpServer::Impl::Worker::ReadInput(Conn& c) {
       return;
     }
     if (*n == 0) return;  // would block
-    c.in.Commit(*n);
     budget -= std::min(budget, *n);
     ProcessInput(c);
   }
   if (c.stream->tls() && c.close_reason.empty() && !c.paused && c.stream->HasBufferedInput()) {
     buffered_.push_back(c.id);
+  }
+}
+
+Result<size_t> TcpServer::Impl::Worker::ReceiveBuffered(Conn& c) {
+  size_t want = std::max(kReadChunk, c.need > c.in.size() ? c.need - c.in.size() : 0);
+  auto space = c.in.Writable(want).first(want);
+  auto n = c.stream->ReadSome(space);
+  if (n.ok()) c.in.Commit(*n);
+  return n;
+}
+
+Result<size_t> TcpServer::Impl::Worker::ReceiveDirect(Conn& c) {
+  DirectWrite& d = *c.direct;
+  auto rest = std::span(d.to + d.done, d.length - d.done);
+  Result<size_t> n = size_t{0};
+  if (!d.denied) {
+    // Under the lease, as the copy from c.in would be: nothing lands once CLOSE dropped it.
+    std::shared_lock lock(c.open->lease_mu);
+    if (c.open->writable) {
+      n = c.stream->ReadSome(rest);
+    } else {
+      d.denied = true;
+    }
+  }
+  if (d.denied) {
+    auto scratch = c.in.Writable(kReadChunk).first(std::min(kReadChunk, rest.size()));
+    n = c.stream->ReadSome(scratch);  // dropped: not committed
+  }
+  if (n.ok()) d.done += *n;
+  return n;
+}
+
+bool TcpServer::Impl::Worker::StartDirectWrite(Conn& c, const wire::FrameHeader& h) {
+  if (h.reply || c.state != ConnState::kReady || c.channel != wire::Channel::kData || !c.open ||
+      h.opcode != static_cast<uint8_t>(wire::Opcode::kWrite) || h.payload_length < kReceiveIntoRegionMin ||
+      (h.length != 0 && h.length != h.payload_length) ||
+      !fabric::CheckRange(h.offset, h.payload_length, c.open->size).ok()) {
+    return false;  // the ordinary path handles (and answers) it
+  }
+  // Requests execute in order: READ replies still queued by reference must not see it.
+  c.out.CopyReferences();
+  DirectWrite d;
+  d.request = h;
+  d.to = c.open->data + h.offset;
+  d.length = h.payload_length;
+  c.in.Consume(wire::kFrameHeaderSize);
+  const size_t buffered = std::min(d.length, c.in.size());
+  {
+    std::shared_lock lock(c.open->lease_mu);
+    d.denied = !c.open->writable;
+    if (!d.denied) std::memcpy(d.to, c.in.readable().data(), buffered);
+  }
+  c.in.Consume(buffered);
+  d.done = buffered;
+  c.direct = d;
+  c.need = wire::kFrameHeaderSize;
+  return true;
+}
+
+void TcpServer::Impl::Worker::FinishDirectWrite(Conn& c) {
+  const DirectWrite d = *c.direct;
+  c.direct.reset();
+  if (d.denied) {
+    ReplyError(c, d.request, Status(Code::kPermissionDenied, "write without the write lease"));
+  } else {
+    Reply(c, d.request, {});
   }
 }
 
@@ -593,6 +688,11 @@ void TcpServer::Impl::Worker::ProcessInput(Conn& c) {
     if (c.out.size() >= opt.max_output_bytes) {
       c.paused = true;
       break;
+    }
+    if (c.direct) {
+      if (c.direct->done < c.direct->length) break;
+      FinishDirectWrite(c);
+      continue;
     }
     auto avail = c.in.readable();
     if (c.state == ConnState::kHello) {
@@ -623,6 +723,7 @@ void TcpServer::Impl::Worker::ProcessInput(Conn& c) {
     }
     size_t total = wire::kFrameHeaderSize + h.payload_length;
     if (avail.size() < total) {
+      if (StartDirectWrite(c, h)) continue;
       c.need = total;
       break;
     }
@@ -630,7 +731,7 @@ void TcpServer::Impl::Worker::ProcessInput(Conn& c) {
     c.in.Consume(total);
     c.need = wire::kFrameHeaderSize;
   }
-  if (c.in.empty()) {
+  if (c.in.empty() && !c.direct) {
     c.partial_since.reset();
     if (c.in.capacity() > 2 * wire::kMaxFrameSize) c.in.Release();
   } else if (!c.paused && !c.flush_pending) {
@@ -639,8 +740,9 @@ void TcpServer::Impl::Worker::ProcessInput(Conn& c) {
 }
 
 void TcpServer::Impl::Worker::FlushOutput(Conn& c) {
+  std::array<std::span<const std::byte>, kMaxGatherPieces> pieces{};
   while (!c.out.empty()) {
-    auto n = c.stream->WriteSome(c.out.readable());
+    auto n = c.stream->WriteSomeV(std::span(pieces).first(c.out.Gather(pieces)));
     if (!n.ok()) {
       Close(c, n.status().code() == Code::kUnavailable ? "peer closed the connection" : n.status().ToString(),
             false);
@@ -725,7 +827,7 @@ void TcpServer::Impl::Flusher::Run() {
 // ---- Replies ------------------------------------------------------------------------------
 
 void TcpServer::Impl::Worker::Reply(Conn& c, const wire::FrameHeader& request,
-                                    std::span<const std::byte> payload) {
+                                    std::span<const std::byte> payload, bool by_reference) {
   wire::FrameHeader h;
   h.opcode = request.opcode;
   h.reply = true;
@@ -735,7 +837,11 @@ void TcpServer::Impl::Worker::Reply(Conn& c, const wire::FrameHeader& request,
   wire::EncodeFrameHeader(h, header);
   if (c.out.empty()) c.last_write_progress = Clock::now();
   c.out.Append(header);
-  c.out.Append(payload);
+  if (by_reference) {
+    c.out.AppendReference(payload);
+  } else {
+    c.out.Append(payload);
+  }
 }
 
 void TcpServer::Impl::Worker::ReplyError(Conn& c, const wire::FrameHeader& request, const Status& status) {
@@ -1004,7 +1110,7 @@ void TcpServer::Impl::Worker::OnData(Conn& c, const wire::FrameHeader& h,
       }
       Status range = fabric::CheckRange(h.offset, h.length, e.size);
       if (!range.ok()) return ReplyError(c, h, range);
-      Reply(c, h, std::span<const std::byte>(e.data + h.offset, h.length));
+      Reply(c, h, std::span<const std::byte>(e.data + h.offset, h.length), h.length >= kSendFromRegionMin);
       return;
     }
     case wire::Opcode::kWrite: {
@@ -1014,6 +1120,8 @@ void TcpServer::Impl::Worker::OnData(Conn& c, const wire::FrameHeader& h,
       }
       Status range = fabric::CheckRange(h.offset, payload.size(), e.size);
       if (!range.ok()) return ReplyError(c, h, range);
+      // Requests execute in order: READ replies still queued by reference must not see it.
+      c.out.CopyReferences();
       {
         std::shared_lock lock(e.lease_mu);
         if (!e.writable) {
