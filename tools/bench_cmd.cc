@@ -50,6 +50,9 @@ struct BenchFlags {
   std::string pattern = "randread,randwrite,read,write";
   bool json = false;
   bool quiet = false;
+  bool uffd = false;          // scan through a userfaultfd mapping instead
+  std::string chunk = "64K";  // with --uffd
+  bool no_prefetch = false;   // with --uffd
 };
 
 struct Row {
@@ -362,7 +365,8 @@ Rows: randread/randwrite at depth 1 (latency) and --depth (IOPS) with --block re
 read/write sequential with --seq-block requests at --seq-depth. Random rows use --connections
 data connections (1: the fewest wake-ups per small request), sequential rows --seq-connections
 (2: large copies proceed in parallel); the region is reopened when that changes. Writes
-overwrite the region and need its write lease. The first output line names the transport that carried the data.)");
+overwrite the region and need its write lease. The first output line names the transport that carried the data.
+  memfabric bench tcp://127.0.0.1:7411/cache --uffd --chunk 64K   # first touch through a uffd mapping)");
   sub->add_option("URL", flags->target.url, "The region: SCHEME://HOST[:PORT]/NAME")->required();
   sub->add_option("--seconds", flags->seconds, "Duration of each row")
       ->check(CLI::Range(0.1, 3600.0))
@@ -388,8 +392,23 @@ overwrite the region and need its write lease. The first output line names the t
       ->capture_default_str();
   sub->add_flag("--json", flags->json, "Print the results as JSON (for scripts)");
   sub->add_flag("-q,--quiet", flags->quiet, "No progress on stderr");
+  sub->add_flag("--uffd", flags->uffd,
+                "Instead: map the region with userfaultfd and time a first-touch scan of every page, "
+                "sequential then random")
+      ->group("userfaultfd");
+  sub->add_option("--chunk", flags->chunk, "With --uffd: the pull unit, a power of two from 4K to 2M")
+      ->capture_default_str()
+      ->group("userfaultfd");
+  sub->add_flag("--no-prefetch", flags->no_prefetch, "With --uffd: pull only what is touched")
+      ->group("userfaultfd");
   AddClientFlags(*sub, flags->target.client);
-  commands.push_back({sub, [flags] { return RunBench(*flags); }});
+  commands.push_back({sub, [flags] {
+                        if (flags->uffd) {
+                          return RunUffdScan(kCmd, flags->target, flags->chunk, !flags->no_prefetch,
+                                             flags->json);
+                        }
+                        return RunBench(*flags);
+                      }});
 }
 
 }  // namespace mf::cli

@@ -237,6 +237,10 @@ expect_in mount-bad-chunk err "power of two"
 run mount-no-view "$MF" mount "$URL/data" "${C[@]}"
 expect_rc mount-no-view 2
 expect_in mount-no-view err "--uffd"
+run bench-uffd "$MF" bench "$URL/data" --uffd --chunk 16K --json "${C[@]}"
+expect_rc bench-uffd 0
+expect_in bench-uffd out '"view":"uffd","size":4194304,"chunk":16384'
+expect_in bench-uffd out '"order":"random","mb_per_s":[0-9.]+,"faults":[1-9]'
 run mount-help "$MF" mount --help
 expect_rc mount-help 0
 expect_in mount-help out "Example"
