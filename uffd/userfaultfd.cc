@@ -70,29 +70,40 @@ Status Userfaultfd::Unregister(void* addr, size_t len) {
   return Ioctl(fd(), UFFDIO_UNREGISTER, &range, "UFFDIO_UNREGISTER");
 }
 
+// Fills [addr, addr+len) with `attempt(offset)`, an ioctl over [addr+offset, addr+len)
+// that returns 0 or an errno and adds the bytes it filled before failing to *progress.
+// Pages already present (EEXIST) are skipped, and the range's waiters are woken at the
+// end, since a skipped page's waiter is not woken by the ioctl.
+template <typename Attempt>
+Status Userfaultfd::FillSkippingPresent(void* addr, size_t len, const char* what, Attempt attempt) {
+  size_t done = 0;
+  bool skipped = false;
+  while (done < len) {
+    int64_t progress = 0;
+    const int err = attempt(done, &progress);
+    if (err == 0) break;
+    if (progress > 0) done += static_cast<size_t>(progress);
+    if (err == EINTR || err == EAGAIN) continue;
+    if (err != EEXIST) return Status::FromErrno(err, what);
+    done = AlignUp(done + 1, kPageSize);  // the page at `done` is present: next one
+    skipped = true;
+  }
+  return skipped ? Wake(addr, len) : Status::Ok();
+}
+
 Status Userfaultfd::Copy(void* dst, const void* src, size_t len, bool write_protect) {
   auto* d = static_cast<std::byte*>(dst);
   const auto* s = static_cast<const std::byte*>(src);
-  size_t done = 0;
-  while (done < len) {
+  return FillSkippingPresent(dst, len, "UFFDIO_COPY", [&](size_t done, int64_t* progress) {
     uffdio_copy copy{};
     copy.dst = reinterpret_cast<uintptr_t>(d + done);
     copy.src = reinterpret_cast<uintptr_t>(s + done);
     copy.len = len - done;
     copy.mode = write_protect ? UFFDIO_COPY_MODE_WP : 0;
-    if (::ioctl(fd(), UFFDIO_COPY, &copy) == 0) return Status::Ok();
-    int err = errno;
-    if (copy.copy > 0) done += static_cast<size_t>(copy.copy);  // partial progress
-    if (err == EINTR || err == EAGAIN) continue;
-    if (err == EEXIST) {
-      // The page at dst+done is present already (e.g. the range was partly populated):
-      // skip it and go on with the next one.
-      done = AlignUp(done + 1, kPageSize);
-      continue;
-    }
-    return Status::FromErrno(err, "UFFDIO_COPY");
-  }
-  return Wake(dst, len);  // waiters on skipped pages
+    if (::ioctl(fd(), UFFDIO_COPY, &copy) == 0) return 0;
+    *progress = copy.copy;
+    return errno;
+  });
 }
 
 Status Userfaultfd::WriteProtect(void* addr, size_t len, bool protect) {
@@ -109,12 +120,15 @@ Status Userfaultfd::Wake(void* addr, size_t len) {
 }
 
 Status Userfaultfd::Poison(void* addr, size_t len) {
-  uffdio_poison poison{};
-  poison.range.start = reinterpret_cast<uintptr_t>(addr);
-  poison.range.len = len;
-  Status s = Ioctl(fd(), UFFDIO_POISON, &poison, "UFFDIO_POISON");
-  if (s.err() == EEXIST) return Wake(addr, len);  // some pages present: leave them
-  return s;
+  auto* a = static_cast<std::byte*>(addr);
+  return FillSkippingPresent(addr, len, "UFFDIO_POISON", [&](size_t done, int64_t* progress) {
+    uffdio_poison poison{};
+    poison.range.start = reinterpret_cast<uintptr_t>(a + done);
+    poison.range.len = len - done;
+    if (::ioctl(fd(), UFFDIO_POISON, &poison) == 0) return 0;
+    *progress = poison.updated;
+    return errno;
+  });
 }
 
 Result<size_t> Userfaultfd::ReadMessages(std::span<uffd_msg> out) {

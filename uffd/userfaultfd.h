@@ -41,13 +41,16 @@ class Userfaultfd final {
   // UFFDIO_WRITEPROTECT: protect (true) or unprotect-and-wake (false).
   Status WriteProtect(void* addr, size_t len, bool protect);
   Status Wake(void* addr, size_t len);
-  // UFFDIO_POISON (kernel >= 6.6): later accesses get SIGBUS; waiters are woken.
+  // UFFDIO_POISON (kernel >= 6.6): later accesses to the pages not present get SIGBUS;
+  // present pages are left as they are (as in Copy); waiters are woken.
   Status Poison(void* addr, size_t len);
   // Reads up to out.size() messages; returns how many (0 when none are pending).
   Result<size_t> ReadMessages(std::span<uffd_msg> out);
 
  private:
   Userfaultfd(UniqueFd fd, uint64_t features) : fd_(std::move(fd)), features_(features) {}
+  template <typename Attempt>
+  Status FillSkippingPresent(void* addr, size_t len, const char* what, Attempt attempt);
   UniqueFd fd_;
   uint64_t features_ = 0;
 };
