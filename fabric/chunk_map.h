@@ -1,7 +1,9 @@
 // fabric::ChunkMap — per-chunk state of a locally mapped or cached region, lock-free.
 //
 // Each chunk is in one of: kRemote (only the server has it), kInFlight (a pull is
-// running), kLocal (the local copy is valid) or kFailed (a pull failed for good). A
+// running), kInFlightDropped (a pull is running but the local pages were dropped
+// meanwhile, so its result must not count), kLocal (the local copy is valid) or kFailed
+// (a pull failed for good). A
 // separate dirty bit says the local copy has writes the server does not hold yet.
 // Transitions are compare-and-swap, so exactly one caller wins a claim.
 //
@@ -14,7 +16,7 @@
 
 namespace mf::fabric {
 
-enum class ChunkState : uint8_t { kRemote = 0, kInFlight = 1, kLocal = 2, kFailed = 3 };
+enum class ChunkState : uint8_t { kRemote = 0, kInFlight = 1, kLocal = 2, kFailed = 3, kInFlightDropped = 4 };
 
 class ChunkMap {
  public:
@@ -35,6 +37,25 @@ class ChunkMap {
   bool Transition(uint64_t i, ChunkState from, ChunkState to) {
     auto expected = static_cast<uint8_t>(from);
     return state_[i].compare_exchange_strong(expected, static_cast<uint8_t>(to), std::memory_order_acq_rel);
+  }
+  // The pull of chunk i finished and installed it: kInFlight -> kLocal. False when the
+  // local pages were dropped meanwhile (kInFlightDropped); the chunk is then kRemote again.
+  bool FinishPull(uint64_t i) {
+    if (Transition(i, ChunkState::kInFlight, ChunkState::kLocal)) {
+      local_.fetch_add(1, std::memory_order_relaxed);
+      return true;
+    }
+    Transition(i, ChunkState::kInFlightDropped, ChunkState::kRemote);
+    return false;
+  }
+  // The local pages of chunk i went away: kLocal -> kRemote, or a running pull is marked
+  // so that its result does not count.
+  void Drop(uint64_t i) {
+    if (Transition(i, ChunkState::kLocal, ChunkState::kRemote)) {
+      local_.fetch_sub(1, std::memory_order_relaxed);
+      return;
+    }
+    Transition(i, ChunkState::kInFlight, ChunkState::kInFlightDropped);
   }
   void Set(uint64_t i, ChunkState s) {
     if (s == ChunkState::kLocal && state(i) != ChunkState::kLocal)

@@ -246,14 +246,15 @@ void Mapping::HandleMissing(uint64_t address) {
       StartPull(chunk, slot, false);
       return;
     }
-    case fabric::ChunkState::kInFlight: return;  // the install wakes every waiter
+    case fabric::ChunkState::kInFlight:
+    case fabric::ChunkState::kInFlightDropped: return;  // the pull's end wakes every waiter
     case fabric::ChunkState::kLocal: {
       // Either the chunk was installed between the fault and now (wake the waiter), or
       // its pages went away under a pull that was still in flight (pull it again).
       void* page = reinterpret_cast<void*>(address & ~uint64_t{kPageSize - 1});
       unsigned char resident = 0;
-      if (::mincore(page, kPageSize, &resident) == 0 && (resident & 1) == 0 &&
-          chunks_.Transition(chunk, fabric::ChunkState::kLocal, fabric::ChunkState::kRemote)) {
+      if (::mincore(page, kPageSize, &resident) == 0 && (resident & 1) == 0) {
+        chunks_.Drop(chunk);
         HandleMissing(address);
         return;
       }
@@ -282,7 +283,7 @@ void Mapping::HandleRemove(uint64_t start, uint64_t end) {
   for (uint64_t c = (start - base) / chunk_size_; c <= (end - 1 - base) / chunk_size_; ++c) {
     // The pages are gone: the next touch pulls them again. Pages of the chunk outside the
     // range stay, and the re-pull skips them.
-    chunks_.Transition(c, fabric::ChunkState::kLocal, fabric::ChunkState::kRemote);
+    chunks_.Drop(c);
   }
 }
 
@@ -380,9 +381,11 @@ void Mapping::OnPullDone(size_t slot, const Status& piece_status) {
     Status copied =
         uffd_->Copy(addr, pull_buffer_.data() + slot * chunk_size_, len, tracking_ != WriteTracking::kOff);
     if (copied.ok()) {
-      chunks_.Set(ps.chunk, fabric::ChunkState::kLocal);
       (ps.prefetch ? counters_.prefetches : counters_.pulls).fetch_add(1, std::memory_order_relaxed);
       counters_.bytes_pulled.fetch_add(len, std::memory_order_relaxed);
+      // Pages dropped while the pull ran: the chunk is remote again, and a thread that
+      // faulted on them after the install is woken to fault (and pull) once more.
+      if (!chunks_.FinishPull(ps.chunk)) (void)uffd_->Wake(addr, len);
     } else {
       // ENOENT/ESRCH: the range or the process is going away; nothing waits any more.
       spdlog::warn("uffd mapping: install chunk {}: {}", ps.chunk, copied.ToString());

@@ -234,6 +234,29 @@ TEST(MappingDeathTest, UnservableFaultRaisesSigbusNotAHang) {
       mf::testing::DiedOf(SIGBUS), mf::testing::DeathMessage(SIGBUS));
 }
 
+// A chunk partly present (some pages dropped with MADV_DONTNEED) whose re-pull fails: the
+// missing pages must raise SIGBUS, not fault forever.
+TEST(MappingDeathTest, FailedRepullOfAPartlyPresentChunkRaisesSigbus) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto region = std::make_shared<MemoryRegion>("partly", 1u << 20);
+  EXPECT_EXIT(
+      {
+        MemoryRemote remote(region, false);
+        MappingOptions o;
+        o.prefetch = false;
+        auto m = Mapping::Create(remote, o);
+        if (!m.ok()) _exit(3);
+        std::byte* p = (*m)->data();
+        volatile std::byte b = p[0];  // pulls chunk 0 (64 KiB)
+        if (::madvise(p + 2 * kPageSize, kPageSize, MADV_DONTNEED) != 0) _exit(4);
+        remote.FailNext(1u << 20, Status(Code::kUnavailable, "server gone"));
+        b = p[2 * kPageSize];  // re-pull fails: SIGBUS expected
+        (void)b;
+        _exit(0);
+      },
+      mf::testing::DiedOf(SIGBUS), mf::testing::DeathMessage(SIGBUS));
+}
+
 TEST(MappingDeathTest, ReadOnlyMappingRefusesWrites) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   auto region = std::make_shared<MemoryRegion>("ro", 1u << 20);
