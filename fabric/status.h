@@ -89,6 +89,9 @@ inline Status ProtocolError(std::string m) {
 inline Status Internal(std::string m) {
   return Status(Code::kInternal, std::move(m));
 }
+inline Status Unavailable(std::string m) {
+  return Status(Code::kUnavailable, std::move(m));
+}
 inline Status Unsupported(std::string m) {
   return Status(Code::kUnsupported, std::move(m));
 }

@@ -1,5 +1,6 @@
 // memfabric serve: export regions over TCP (or TLS) until SIGINT/SIGTERM, then stop
 // accepting, flush every region and exit 0.
+#include <fmt/format.h>
 #include <pthread.h>
 #include <unistd.h>
 
@@ -16,6 +17,8 @@
 #include "fabric/server.h"
 #include "fabric/url.h"
 #include "tools/cli_common.h"
+#include "transports/open_table.h"
+#include "transports/rdma/rdma_server.h"
 #include "transports/tcp/tcp_server.h"
 
 namespace mf::cli {
@@ -33,6 +36,8 @@ constexpr char kServeFooter[] = R"(Examples:
   # TLS on the control and data connections
   memfabric serve --listen 0.0.0.0:7411 --region cache=1G --secret-file S \
       --tls-cert server.pem --tls-key server.key
+  # RDMA: clients use rdma://HOST:7411/REGION (auto:// picks RDMA when it can)
+  memfabric serve --listen 10.0.0.1:7411 --region pool=8G --secret-file S --rdma on
   # no secret: only on loopback, for tests and demos
   memfabric serve --listen 127.0.0.1:0 --port-file /tmp/mf.port --region t=64M --insecure
 The secret is never taken from the command line. SIGINT/SIGTERM flush every region and exit 0.)";
@@ -49,6 +54,8 @@ struct ServeFlags {
   std::string port_file;
   std::string store;
   std::string log_level = "info";
+  std::string rdma = "auto";
+  int rdma_port = -1;  // -1: the TCP port
 };
 
 bool IsLoopback(const std::string& host) {
@@ -164,6 +171,28 @@ int RunServe(const ServeFlags& flags) {
     }
   }
 
+  // The RDMA data plane first: OPEN replies advertise its port.
+  auto opens = std::make_shared<transports::OpenTable>();
+  listen.opens = opens;
+  std::unique_ptr<rdma::RdmaServer> rdma_server;
+  if (flags.rdma != "off") {
+    rdma::RdmaListenOptions rdma_listen;
+    rdma_listen.host = listen.host;
+    rdma_listen.port = flags.rdma_port >= 0 ? static_cast<uint16_t>(flags.rdma_port) : listen.port;
+    Result<std::unique_ptr<rdma::RdmaServer>> rdma_started = rdma::RdmaServer::Start(opens, rdma_listen);
+    if (rdma_started.ok()) {
+      rdma_server = std::move(rdma_started).value();
+      listen.rdma_port = rdma_server->port();
+    } else if (flags.rdma == "on") {
+      return Report(kCommand, rdma_started.status().WithContext("--rdma on"),
+                    "check `ibv_devices` and that --listen names an address of an RDMA interface "
+                    "(for soft-RoCE: rdma link add rxe0 type rxe netdev IFACE)");
+    } else {
+      spdlog::info("RDMA data plane off: {} (TCP only; --rdma on makes this an error)",
+                   rdma_started.status().ToString());
+    }
+  }
+
   Result<std::unique_ptr<tcp::TcpServer>> started = tcp::TcpServer::Start(server, listen);
   if (!started.ok()) {
     std::string hint;
@@ -178,9 +207,10 @@ int RunServe(const ServeFlags& flags) {
   url.scheme = listen.tls ? fabric::Scheme::kTls : fabric::Scheme::kTcp;
   url.host = listen.host;
   url.port = transport->port();
-  spdlog::info("serving on {}: transport {}, {} threads, {}", url.ToString(), fabric::SchemeName(url.scheme),
-               listen.threads,
-               server.options().insecure ? "no authentication (--insecure)" : "shared-secret auth");
+  spdlog::info(
+      "serving on {}: transport {}{}, {} threads, {}", url.ToString(), fabric::SchemeName(url.scheme),
+      rdma_server ? fmt::format(" + rdma (rdma_cm port {})", rdma_server->port()) : std::string(),
+      listen.threads, server.options().insecure ? "no authentication (--insecure)" : "shared-secret auth");
   for (const fabric::RegionSpec& spec : specs) spdlog::info("  region {}", DescribeRegion(spec));
   if (specs.empty()) spdlog::info("  no regions yet: clients can add them with `memfabric create`");
   if (!flags.port_file.empty()) {
@@ -195,6 +225,8 @@ int RunServe(const ServeFlags& flags) {
   spdlog::info("{}: stopping", received == SIGINT ? "SIGINT" : "SIGTERM");
   transport->Stop();
   transport.reset();
+  if (rdma_server) rdma_server->Stop();
+  rdma_server.reset();
   const size_t regions = server.List().size();
   Status flushed = server.FlushAll();
   if (!flushed.ok()) return Report(kCommand, flushed.WithContext("flushing regions at shutdown"));
@@ -225,6 +257,15 @@ void AddServeCommand(CLI::App& app, std::vector<Command>& commands) {
   sub->add_option("--threads", flags->threads, "Transport worker threads")
       ->check(CLI::Range(1, tcp::kMaxServerThreads))
       ->capture_default_str();
+  sub->add_option("--rdma", flags->rdma,
+                  "RDMA data plane: auto (when this host has an RDMA device), on (fail without one), off")
+      ->check(CLI::IsMember({"auto", "on", "off"}))
+      ->capture_default_str()
+      ->group("RDMA");
+  sub->add_option("--rdma-port", flags->rdma_port,
+                  "rdma_cm port of the RDMA data plane (default: the TCP port)")
+      ->check(CLI::Range(0, 65535))
+      ->group("RDMA");
   sub->add_option("--store", flags->store,
                   "Directory where clients may create file-backed regions (memfabric create ... "
                   "--backing file:NAME); without it they may not");

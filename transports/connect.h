@@ -31,11 +31,31 @@ struct TlsOptions {
   std::string server_name;
 };
 
+// How an RDMA client learns of completions (transports/rdma, docs/rdma.md).
+enum class PollMode : uint8_t {
+  kHybrid,  // busy-poll the completion queue for `poll_spin` after the last completion,
+            // then sleep on the completion channel (the default: low latency while busy,
+            // no CPU burnt while idle)
+  kBusy,    // busy-poll always (lowest latency; one core per open Remote)
+  kEvent,   // sleep on the completion channel after every batch (least CPU)
+};
+constexpr std::chrono::microseconds kDefaultPollSpin{50};
+
+struct RdmaOptions {
+  PollMode poll_mode = PollMode::kHybrid;
+  std::chrono::microseconds poll_spin = kDefaultPollSpin;
+  // ACK timeout exponent of the queue pairs (4.096 us * 2^n) and their retry count: a
+  // server that stops answering fails requests after about timeout * (retries + 1).
+  uint8_t ack_timeout_exponent = 16;  // ~268 ms
+  uint8_t retry_count = 5;
+};
+
 struct ClientOptions {
   fabric::Secret secret;  // empty: connect without authenticating (server must be --insecure)
   TlsOptions tls;
   std::chrono::milliseconds connect_timeout = kDefaultConnectTimeout;
   std::chrono::milliseconds io_timeout = kDefaultIoTimeout;
+  RdmaOptions rdma;
 };
 
 Result<std::unique_ptr<fabric::Client>> Connect(const fabric::Url& url, const ClientOptions& options);

@@ -7,8 +7,8 @@
 // Thread-safety: none; owned by one connection on one thread.
 #pragma once
 
-#include <cstddef>
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <deque>
 #include <memory>

@@ -296,7 +296,8 @@ size_t DataConnection::Send(std::span<const Outgoing> requests, Status* why) {
       }
     }
   }
-  for (size_t i = 0; i < orphan_count; ++i) orphans[i].callback->OnIoComplete(orphans[i].cookie, orphan_status);
+  for (size_t i = 0; i < orphan_count; ++i)
+    orphans[i].callback->OnIoComplete(orphans[i].cookie, orphan_status);
   return count;
 }
 
@@ -382,7 +383,8 @@ void DataConnection::ReadLoop() {
         continue;
       }
       if (st.ok()) {
-        pollfd p{stream_->fd(), static_cast<short>(stream_->read_wait() == IoWait::kWrite ? POLLOUT : POLLIN), 0};
+        pollfd p{stream_->fd(), static_cast<short>(stream_->read_wait() == IoWait::kWrite ? POLLOUT : POLLIN),
+                 0};
         int ready = ::poll(&p, 1, static_cast<int>(kReaderTick.count()));
         if (ready < 0 && errno != EINTR) st = Status::FromErrno(errno, "poll");
       }
@@ -693,6 +695,12 @@ Status TcpClient::Delete(std::string_view name) {
 
 Result<std::unique_ptr<fabric::Remote>> TcpClient::Open(std::string_view name,
                                                         const fabric::OpenOptions& options) {
+  MF_ASSIGN_OR_RETURN(OpenedRegion opened, OpenRegion(name, options));
+  return std::move(opened.remote);
+}
+
+Result<TcpClient::OpenedRegion> TcpClient::OpenRegion(std::string_view name,
+                                                      const fabric::OpenOptions& options) {
   if (options.connections < 1 || options.connections > kMaxDataConnections) {
     return InvalidArgument(fmt::format("connections must be 1..{}", kMaxDataConnections));
   }
@@ -744,7 +752,7 @@ Result<std::unique_ptr<fabric::Remote>> TcpClient::Open(std::string_view name,
   }
   remote->set_writable(writable);
   remote->StartReaders();
-  return std::unique_ptr<fabric::Remote>(std::move(remote));
+  return OpenedRegion{std::unique_ptr<fabric::Remote>(std::move(remote)), open.token, open.rdma_port};
 }
 
 }  // namespace mf::tcp

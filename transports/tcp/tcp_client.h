@@ -15,6 +15,7 @@
 // fabric/remote.h). Remotes stay valid after their TcpClient is destroyed.
 #pragma once
 
+#include <array>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -61,6 +62,15 @@ class TcpClient final : public fabric::Client {
   // not 1..kMaxQueueDepth.
   Result<std::unique_ptr<fabric::Remote>> Open(std::string_view name,
                                                const fabric::OpenOptions& options) override MF_EXCLUDES(mu_);
+
+  // Open, also returning what another data plane needs to join the open: its token and
+  // the server's rdma_cm port (0: the server has no RDMA data plane).
+  struct OpenedRegion {
+    std::unique_ptr<fabric::Remote> remote;
+    std::array<uint8_t, 32> token{};
+    uint16_t rdma_port = 0;
+  };
+  Result<OpenedRegion> OpenRegion(std::string_view name, const fabric::OpenOptions& options) MF_EXCLUDES(mu_);
 
  private:
   TcpClient(Endpoint endpoint, std::unique_ptr<Stream> control);

@@ -25,12 +25,17 @@
 #include "fabric/auth.h"
 #include "fabric/remote.h"
 #include "fabric/thread_annotations.h"
+#include "transports/open_table.h"
 #include "transports/tcp/byte_buffer.h"
 #include "transports/tcp/stream.h"
 #include "transports/tcp/wire.h"
 
 namespace mf::tcp {
 namespace {
+
+using transports::OpenEntry;
+using transports::OpenTable;
+static_assert(std::is_same_v<wire::Token, transports::OpenToken>);
 
 constexpr auto kTick = std::chrono::milliseconds(100);  // timer resolution of a worker
 constexpr size_t kReadChunk = 64u << 10;                // bytes asked of one recv
@@ -50,105 +55,6 @@ static_assert(kSendFromRegionMin <= wire::kMaxPayload);
 // header is checked, instead of through the input buffer.
 constexpr size_t kReceiveIntoRegionMin = 64u << 10;
 static_assert(kReceiveIntoRegionMin <= wire::kMaxPayload);
-
-// One OPEN: the region's memory (kept alive by `reader`), its write lease (`writer`, for
-// writable opens, released by CLOSE) and the data connections attached to it.
-struct OpenEntry {
-  wire::Token token{};
-  fabric::RegionHandle reader;
-  std::byte* data = nullptr;
-  uint64_t size = 0;
-  uint64_t generation = 0;
-  Clock::time_point created;
-  // Writes hold lease_mu shared while they copy; CLOSE takes it exclusively to drop the
-  // lease, so no write lands after the lease went to someone else. (std::shared_mutex is
-  // not an annotated capability; these two members are only touched under it.)
-  std::shared_mutex lease_mu;
-  fabric::RegionHandle writer;
-  bool writable = false;
-};
-
-// Every live open by token. Thread-safe.
-class OpenTable {
- public:
-  void Add(std::shared_ptr<OpenEntry> entry) MF_EXCLUDES(mu_) {
-    MutexLock lock(mu_);
-    auto token = entry->token;
-    entries_.emplace(token, Slot{std::move(entry), 0});
-  }
-  // The open for token, counted as attached; null when unknown.
-  std::shared_ptr<OpenEntry> Attach(const wire::Token& token) MF_EXCLUDES(mu_) {
-    MutexLock lock(mu_);
-    auto it = entries_.find(token);
-    if (it == entries_.end()) return nullptr;
-    ++it->second.attached;
-    return it->second.entry;
-  }
-  // A data connection went away; the open ends with its last one.
-  void Detach(const std::shared_ptr<OpenEntry>& entry) MF_EXCLUDES(mu_) {
-    std::shared_ptr<OpenEntry> dropped;
-    {
-      MutexLock lock(mu_);
-      auto it = entries_.find(entry->token);
-      if (it == entries_.end() || it->second.entry != entry) return;
-      if (--it->second.attached > 0) return;
-      dropped = std::move(it->second.entry);
-      entries_.erase(it);
-    }
-    ReleaseLease(*dropped);
-  }
-  // CLOSE: releases the lease at once and forgets the token.
-  void Close(const std::shared_ptr<OpenEntry>& entry) MF_EXCLUDES(mu_) {
-    {
-      MutexLock lock(mu_);
-      auto it = entries_.find(entry->token);
-      if (it != entries_.end() && it->second.entry == entry) entries_.erase(it);
-    }
-    ReleaseLease(*entry);
-  }
-  // Drops opens whose token was never attached within `timeout`.
-  void Sweep(Clock::time_point now, std::chrono::milliseconds timeout) MF_EXCLUDES(mu_) {
-    std::vector<std::shared_ptr<OpenEntry>> dropped;
-    {
-      MutexLock lock(mu_);
-      for (auto it = entries_.begin(); it != entries_.end();) {
-        if (it->second.attached == 0 && now - it->second.entry->created > timeout) {
-          dropped.push_back(std::move(it->second.entry));
-          it = entries_.erase(it);
-        } else {
-          ++it;
-        }
-      }
-    }
-    for (auto& e : dropped) {
-      spdlog::info("tcp server: releasing open of '{}': no data connection attached",
-                   e->reader.region()->name());
-      ReleaseLease(*e);
-    }
-  }
-  void Clear() MF_EXCLUDES(mu_) {
-    std::map<wire::Token, Slot> entries;
-    {
-      MutexLock lock(mu_);
-      entries.swap(entries_);
-    }
-    for (auto& [token, slot] : entries) ReleaseLease(*slot.entry);
-  }
-
-  static void ReleaseLease(OpenEntry& entry) {
-    std::unique_lock lock(entry.lease_mu);
-    entry.writable = false;
-    entry.writer = fabric::RegionHandle();
-  }
-
- private:
-  struct Slot {
-    std::shared_ptr<OpenEntry> entry;
-    int attached = 0;
-  };
-  Mutex mu_;
-  std::map<wire::Token, Slot> entries_ MF_GUARDED_BY(mu_);
-};
 
 enum class ConnState : uint8_t { kTlsHandshake, kHello, kAuth, kReady, kDraining };
 
@@ -171,16 +77,16 @@ struct Conn {
   fabric::Nonce server_nonce{};
   std::shared_ptr<OpenEntry> open;  // data connections, once attached
   ByteBuffer in;
-  OutputQueue out;  // may reference the region of `open`, declared after it: dies first
+  OutputQueue out;                       // may reference the region of `open`, declared after it: dies first
   size_t need = wire::kHelloPrefixSize;  // bytes the next message needs in `in`
   Clock::time_point created;
   std::optional<Clock::time_point> partial_since;  // a message is partly received
   std::optional<DirectWrite> direct;               // set: payload bytes go to the region
   Clock::time_point last_write_progress;
-  bool paused = false;              // output full: not reading
-  bool flush_pending = false;       // a FLUSH runs on the flusher: wait for it
-  uint32_t events = 0;              // current epoll interest
-  std::string close_reason;         // set: close after this event
+  bool paused = false;         // output full: not reading
+  bool flush_pending = false;  // a FLUSH runs on the flusher: wait for it
+  uint32_t events = 0;         // current epoll interest
+  std::string close_reason;    // set: close after this event
   bool close_is_warning = false;
 };
 
@@ -188,7 +94,10 @@ struct Conn {
 
 class TcpServer::Impl {
  public:
-  Impl(fabric::Server& server, ListenOptions options) : server_(server), options_(std::move(options)) {}
+  Impl(fabric::Server& server, ListenOptions options)
+      : server_(server),
+        options_(std::move(options)),
+        opens_(options_.opens ? options_.opens : std::make_shared<OpenTable>()) {}
   ~Impl() { Stop(); }
 
   Status Init();
@@ -204,7 +113,7 @@ class TcpServer::Impl {
   std::shared_ptr<TlsContext> tls_;
   UniqueFd listen_fd_;
   uint16_t port_ = 0;
-  OpenTable opens_;
+  const std::shared_ptr<OpenTable> opens_;
   std::atomic<int> connections_{0};
   std::atomic<uint64_t> next_id_{kFirstConnId};
   std::atomic<bool> stopping_{false};
@@ -377,7 +286,7 @@ void TcpServer::Impl::Stop() {
   for (auto& w : workers_) w->Join();
   flusher_.reset();  // may still post to the (stopped) workers
   workers_.clear();
-  opens_.Clear();
+  opens_->Clear();
   listen_fd_.Reset();
   if (port_ != 0) spdlog::info("tcp server: stopped listening on port {}", port_);
 }
@@ -448,7 +357,7 @@ void TcpServer::Impl::Worker::Run() {
         if (!c->close_reason.empty() && c->out.empty()) dead.push_back(id);
       }
       for (uint64_t id : dead) Destroy(id);
-      if (index_ == 0) impl_.opens_.Sweep(now, impl_.options_.attach_timeout);
+      if (index_ == 0) impl_.opens_->Sweep(now, impl_.options_.attach_timeout);
     }
   }
   std::vector<uint64_t> ids;
@@ -515,7 +424,7 @@ void TcpServer::Impl::Worker::Destroy(uint64_t id) {
   } else {
     spdlog::info("tcp server: {} disconnected: {}", c.peer, reason);
   }
-  if (c.open) impl_.opens_.Detach(c.open);
+  if (c.open) impl_.opens_->Detach(c.open);
   impl_.connections_.fetch_sub(1);
   conns_.erase(it);  // closes the socket, which leaves the epoll set
 }
@@ -996,7 +905,10 @@ void TcpServer::Impl::Worker::OnControl(Conn& c, const wire::FrameHeader& h,
         break;
       }
       st = server.Delete(*name);
-      if (st.ok()) spdlog::info("tcp server: {} deleted region '{}'", c.peer, *name);
+      if (st.ok()) {
+        impl_.opens_->RevokeRegion(*name);
+        spdlog::info("tcp server: {} deleted region '{}'", c.peer, *name);
+      }
       break;
     }
     case wire::Opcode::kOpen: {
@@ -1050,10 +962,11 @@ Status TcpServer::Impl::Worker::DoOpen(const wire::OpenRequest& request, std::ve
   }
   open.token = entry->token;
   open.max_transfer = wire::kMaxPayload;
+  open.rdma_port = impl_.options_.rdma_port;
   wire::EncodeOpenReply(open, reply);
   spdlog::info("tcp server: opened region '{}' {}", open.info.name,
                request.writable ? "read-write" : "read-only");
-  impl_.opens_.Add(std::move(entry));
+  impl_.opens_->Add(std::move(entry));
   return Status::Ok();
 }
 
@@ -1071,7 +984,7 @@ void TcpServer::Impl::Worker::OnAttach(Conn& c, const wire::FrameHeader& h,
     CloseAfterReplies(c, "bad ATTACH", true);
     return;
   }
-  c.open = impl_.opens_.Attach(*token);
+  c.open = impl_.opens_->Attach(*token);
   if (!c.open) {
     ReplyError(c, h, NotFound("unknown or expired open token"));
     CloseAfterReplies(c, "ATTACH with an unknown token", true);
@@ -1142,7 +1055,7 @@ void TcpServer::Impl::Worker::OnData(Conn& c, const wire::FrameHeader& h,
       return;
     }
     case wire::Opcode::kClose: {
-      impl_.opens_.Close(c.open);
+      impl_.opens_->Close(c.open);
       Reply(c, h, {});
       return;
     }

@@ -24,6 +24,7 @@
 #include "fabric/status.h"
 #include "fabric/url.h"
 #include "transports/connect.h"
+#include "transports/open_table.h"
 
 namespace mf::tcp {
 
@@ -44,6 +45,13 @@ struct ListenOptions {
   std::chrono::milliseconds attach_timeout{30000};     // an OPEN whose token is never attached
   size_t max_output_bytes = kDefaultMaxOutputBytes;    // unsent replies per connection
   int max_connections = 4096;
+
+  // The table of OPENs, shared with the server's other data planes (transports/rdma);
+  // null: the TcpServer keeps its own.
+  std::shared_ptr<transports::OpenTable> opens;
+  // Advertised in OPEN replies: the rdma_cm port of the RDMA data plane serving `opens`;
+  // 0 when there is none.
+  uint16_t rdma_port = 0;
 };
 
 class TcpServer {

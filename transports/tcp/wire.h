@@ -33,7 +33,7 @@ namespace mf::tcp::wire {
 // ---- Constants -------------------------------------------------------------------------
 
 inline constexpr std::array<uint8_t, 4> kMagic = {0x4D, 0x46, 0x41, 0x42};  // "MFAB"
-inline constexpr uint16_t kVersion = 1;
+inline constexpr uint16_t kVersion = 2;                                     // 2: OPEN reply carries rdma_port
 
 // The first kHelloPrefixSize bytes of either hello (magic, version, two bytes) are frozen
 // for every future version, so peers of different versions can still tell each other so.
@@ -166,6 +166,9 @@ struct OpenReply {
   fabric::RegionInfo info;
   Token token{};
   uint32_t max_transfer = kMaxPayload;  // 1 .. kMaxPayload
+  // The rdma_cm port of the server's RDMA data plane for this open (transports/rdma,
+  // docs/rdma.md); 0 when the server has none.
+  uint16_t rdma_port = 0;
 };
 void EncodeOpenReply(const OpenReply& reply, std::vector<std::byte>* out);
 Result<OpenReply> DecodeOpenReply(std::span<const std::byte> in);
