@@ -15,6 +15,7 @@
 
 #include "fabric/os.h"
 #include "tests/integration/tcp_test_util.h"
+#include "tests/integration/test_servers.h"
 #include "transports/open_table.h"
 #include "transports/rdma/rdma_server.h"
 #include "transports/rdma/rdma_wire.h"
@@ -24,6 +25,10 @@
 namespace mf {
 namespace {
 
+using testing::Host;
+using testing::InVm;
+using Servers = testing::TestServers;
+
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 using tcp::testing::ClientOpts;
@@ -31,53 +36,6 @@ using tcp::testing::FillPattern;
 using tcp::testing::OpenOpts;
 using tcp::testing::SecureOptions;
 using Clock = std::chrono::steady_clock;
-
-bool InVm() {
-  return std::getenv("MF_VM_ADDR") != nullptr;
-}
-std::string Host() {
-  return InVm() ? std::getenv("MF_VM_ADDR") : "127.0.0.1";
-}
-
-// A server with both data planes (RDMA only where the system has a device).
-struct Servers {
-  std::unique_ptr<fabric::Server> server;
-  std::shared_ptr<transports::OpenTable> opens = std::make_shared<transports::OpenTable>();
-  std::unique_ptr<rdma::RdmaServer> rdma;
-  std::unique_ptr<tcp::TcpServer> tcp;
-
-  static std::unique_ptr<Servers> Start(uint16_t port = 0) {
-    auto s = std::make_unique<Servers>();
-    s->server = std::make_unique<fabric::Server>(SecureOptions());
-    tcp::ListenOptions listen;
-    listen.host = Host();
-    listen.port = port;
-    listen.opens = s->opens;
-    if (rdma::HasRdmaDevice()) {
-      auto r = rdma::RdmaServer::Start(s->opens, {Host(), port});
-      EXPECT_TRUE(r.ok()) << r.status().ToString();
-      if (!r.ok()) return nullptr;
-      s->rdma = std::move(r).value();
-      listen.rdma_port = s->rdma->port();
-    }
-    auto t = tcp::TcpServer::Start(*s->server, listen);
-    EXPECT_TRUE(t.ok()) << t.status().ToString();
-    if (!t.ok()) return nullptr;
-    s->tcp = std::move(t).value();
-    return s;
-  }
-  fabric::Url url(fabric::Scheme scheme) const {
-    fabric::Url u;
-    u.scheme = scheme;
-    u.host = Host();
-    u.port = tcp->port();
-    return u;
-  }
-  ~Servers() {
-    if (tcp) tcp->Stop();
-    if (rdma) rdma->Stop();
-  }
-};
 
 class RemoteTransport : public ::testing::TestWithParam<fabric::Scheme> {
  protected:

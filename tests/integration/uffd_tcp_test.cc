@@ -1,5 +1,6 @@
-// uffd::Mapping end to end over the TCP transport on loopback: a real memfabric server,
-// a real client, the real kernel userfaultfd.
+// uffd::Mapping end to end over a real transport: a real memfabric server, a real
+// client, the real kernel userfaultfd. TCP on loopback by default; the VM suite runs it
+// again with MF_TEST_SCHEME=rdma over rxe (tests/integration/test_servers.h).
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -11,13 +12,15 @@
 
 #include "tests/death_test_util.h"
 #include "tests/integration/tcp_test_util.h"
+#include "tests/integration/test_servers.h"
 #include "uffd/mapping.h"
 
 namespace mf::uffd {
 namespace {
 
+using mf::testing::TestScheme;
 using tcp::testing::ClientOpts;
-using tcp::testing::TestServer;
+using TestServer = mf::testing::TestServers;
 
 constexpr size_t kSize = 16u << 20;
 
@@ -37,13 +40,14 @@ class UffdOverTcp : public ::testing::TestWithParam<size_t> {
     }
   }
   std::unique_ptr<fabric::Remote> Open(bool writable) {
-    auto client = transports::Connect(server_->url(), ClientOpts());
+    auto client = transports::Connect(server_->url(TestScheme()), ClientOpts());
     EXPECT_TRUE(client.ok()) << client.status().ToString();
     if (!client.ok()) return nullptr;
     fabric::OpenOptions o;
     o.writable = writable;
     auto remote = (*client)->Open("r", o);
     EXPECT_TRUE(remote.ok()) << remote.status().ToString();
+    if (remote.ok() && TestScheme() == fabric::Scheme::kRdma) EXPECT_EQ((*remote)->transport(), "rdma");
     return remote.ok() ? std::move(remote).value() : nullptr;
   }
   MappingOptions Options(bool prefetch) const {
@@ -134,7 +138,7 @@ INSTANTIATE_TEST_SUITE_P(Chunks, UffdOverTcp, ::testing::Values(4u << 10, 64u <<
 [[noreturn]] void TouchAfterServerDies(uint16_t port, int ready, int go) {
   transports::ClientOptions opts = ClientOpts();
   opts.io_timeout = std::chrono::milliseconds(2000);
-  fabric::Url url{fabric::Scheme::kTcp, "127.0.0.1", port, ""};
+  fabric::Url url{TestScheme(), mf::testing::Host(), port, ""};
   auto client = transports::Connect(url, opts);
   if (!client.ok()) _exit(10);
   auto remote = (*client)->Open("r", fabric::OpenOptions{});
@@ -167,7 +171,7 @@ TEST(UffdOverTcpDeathTest, DeadServerGivesSigbus) {
     auto s = TestServer::Start();
     if (s == nullptr || !s->server->Create({"r", 4u << 20, fabric::BackingKind::kAnonymous, ""}).ok())
       _exit(1);
-    uint16_t port = s->port();
+    uint16_t port = s->tcp->port();
     (void)!::write(ports[1], &port, sizeof(port));
     for (;;) ::pause();
   }
