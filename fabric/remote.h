@@ -120,6 +120,16 @@ class Remote {
   // Completes every outstanding request (kAborted where not already done), releases the
   // write lease and the transport's resources. Idempotent.
   virtual Status Close() = 0;
+
+  // Polling on the caller's thread, for callers that would rather spin than sleep while
+  // they wait (lowest latency, as perftest measures): Poll() runs the callbacks of the
+  // completions that are ready, on the calling thread, and returns how many ran. Wrap a
+  // spin in SetCallerPolling(true/false) so the transport's own completion thread stays
+  // asleep meanwhile. Transports whose completions arrive only on their own threads
+  // (can_poll() false) return 0 and ignore SetCallerPolling.
+  virtual bool can_poll() const { return false; }
+  virtual size_t Poll() { return 0; }
+  virtual void SetCallerPolling(bool /*active*/) {}
 };
 
 // An IoCallback that counts down a batch and lets one thread wait for it. Keeps the first
@@ -131,6 +141,11 @@ class IoBatch final : public IoCallback {
   void OnIoComplete(uint64_t cookie, const Status& status) override MF_EXCLUDES(mu_);
   // Blocks until every request of the batch completed; returns the first error or OK.
   Status Wait() MF_EXCLUDES(mu_);
+  // True when every request of the batch completed (does not block).
+  bool done() MF_EXCLUDES(mu_) {
+    MutexLock lock(mu_);
+    return pending_ == 0;
+  }
 
  private:
   Mutex mu_;

@@ -20,6 +20,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "fabric/client.h"
@@ -53,6 +54,7 @@ struct BenchFlags {
   bool uffd = false;          // scan through a userfaultfd mapping instead
   std::string chunk = "64K";  // with --uffd
   bool no_prefetch = false;   // with --uffd
+  bool no_poll = false;       // sleep until the transport calls back, even where it could poll
 };
 
 struct Row {
@@ -97,9 +99,26 @@ class Completions final : public fabric::IoCallback {
   }
 
   // Waits for at least one completion and swaps all of them into *out (cleared first).
-  // Returns the first error seen so far.
-  Status Take(std::vector<Done>* out) MF_EXCLUDES(mu_) {
+  // Returns the first error seen so far. With `spin`, this thread never sleeps: it polls
+  // the transport itself where the transport allows (RDMA), and otherwise yields until a
+  // transport thread has called back, which saves the wake-up of a sleeping thread per
+  // completion (fio's nbd engine and perftest do not hand completions between threads
+  // either).
+  Status Take(std::vector<Done>* out, fabric::Remote& remote, bool spin) MF_EXCLUDES(mu_) {
     out->clear();
+    const bool poll = spin && remote.can_poll();
+    // Yield-spinning for another thread's callback only pays with a core to spare.
+    spin = poll || (spin && std::thread::hardware_concurrency() > 1);
+    while (spin) {
+      {
+        MutexLock lock(mu_);
+        if (!done_.empty()) {
+          done_.swap(*out);
+          return error_;
+        }
+      }
+      if (!poll || remote.Poll() == 0) std::this_thread::yield();
+    }
     MutexLock lock(mu_);
     cv_.wait(mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return !done_.empty(); });
     done_.swap(*out);
@@ -125,7 +144,7 @@ std::string RowLabel(const Row& row) {
 }
 
 // Runs one row on `remote` for `seconds`; progress goes to stderr when `progress`.
-Result<RowResult> RunRow(fabric::Remote& remote, const Row& row, double seconds, bool progress,
+Result<RowResult> RunRow(fabric::Remote& remote, const Row& row, double seconds, bool progress, bool poll,
                          uint64_t seed) {
   MF_ASSIGN_OR_RETURN(fabric::Buffer buffer, remote.AllocateBuffer(row.block * row.depth));
   if (row.write) {
@@ -170,11 +189,12 @@ Result<RowResult> RunRow(fabric::Remote& remote, const Row& row, double seconds,
     started[slot] = Clock::now();
     batch.push_back(r);
   }
+  if (poll) remote.SetCallerPolling(true);
   remote.Submit(batch);
   size_t in_flight = row.depth;
   Status error;
   while (in_flight > 0) {
-    Status status = completions.Take(&done);
+    Status status = completions.Take(&done, remote, poll);
     if (!status.ok() && error.ok()) error = std::move(status);
     const Clock::time_point now = Clock::now();
     const bool stop = now >= deadline || !error.ok();
@@ -331,7 +351,7 @@ int RunBench(const BenchFlags& flags) {
     if (row.connections != options.connections) {
       if (int rc = open(row.connections); rc != kExitOk) return rc;
     }
-    Result<RowResult> result = RunRow(*remote, row, flags.seconds, live_progress, seed++);
+    Result<RowResult> result = RunRow(*remote, row, flags.seconds, live_progress, !flags.no_poll, seed++);
     if (!result.ok())
       return Report(kCmd, result.status(), HintFor(result.status(), url, flags.target.client));
     if (!flags.quiet && !live_progress) {
@@ -392,6 +412,9 @@ overwrite the region and need its write lease. The first output line names the t
       ->capture_default_str();
   sub->add_flag("--json", flags->json, "Print the results as JSON (for scripts)");
   sub->add_flag("-q,--quiet", flags->quiet, "No progress on stderr");
+  sub->add_flag("--no-poll", flags->no_poll,
+                "Wait for completions asleep instead of spinning on the bench thread (busy-polling the "
+                "completion queue over RDMA, as perftest does; yielding otherwise). Spinning costs a core");
   sub->add_flag("--uffd", flags->uffd,
                 "Instead: map the region with userfaultfd and time a first-touch scan of every page, "
                 "sequential then random")

@@ -151,6 +151,40 @@ TEST_P(RemoteTransport, LargeBatchOnShallowQueues) {
   EXPECT_EQ(std::memcmp(buffer.data(), back.data(), kSize), 0);
 }
 
+// A caller that polls completions on its own thread (as `memfabric bench` does over
+// RDMA) gets every callback there; afterwards the transport's thread takes over again.
+TEST_P(RemoteTransport, CallerPolling) {
+  MF_ASSERT_OK_AND_ASSIGN(auto client, Connect());
+  MF_ASSERT_OK(client->Create({"p", 1u << 20, fabric::BackingKind::kAnonymous, ""}).status());
+  MF_ASSERT_OK_AND_ASSIGN(auto remote, client->Open("p", OpenOpts(true, 2, 8)));
+  EXPECT_EQ(remote->can_poll(), GetParam() == fabric::Scheme::kRdma);
+  std::vector<std::byte> data(1u << 20);
+  FillPattern(data, 5);
+  MF_ASSERT_OK(fabric::WriteAt(*remote, 0, data));
+  MF_ASSERT_OK_AND_ASSIGN(fabric::Buffer buffer, remote->AllocateBuffer(4096));
+  remote->SetCallerPolling(true);
+  size_t polled = 0;
+  for (uint64_t i = 0; i < 200; ++i) {
+    fabric::IoBatch batch(1);
+    const uint64_t offset = (i * 7919 * 4096) % (1u << 20);
+    fabric::IoRequest r{fabric::IoKind::kRead, offset, buffer.span(), &buffer, &batch, i};
+    remote->Submit({&r, 1});
+    if (remote->can_poll()) {
+      const auto deadline = Clock::now() + seconds(10);
+      while (!batch.done() && Clock::now() < deadline) {
+        polled += remote->Poll();
+      }
+    }
+    MF_ASSERT_OK(batch.Wait());
+    ASSERT_EQ(std::memcmp(buffer.data(), data.data() + offset, 4096), 0) << i;
+  }
+  remote->SetCallerPolling(false);
+  if (remote->can_poll()) EXPECT_GT(polled, 0u);
+  std::vector<std::byte> got(1u << 20);
+  MF_ASSERT_OK(fabric::ReadAt(*remote, 0, got));
+  EXPECT_TRUE(got == data);
+}
+
 TEST_P(RemoteTransport, OutOfRangeFailsAndLeavesOtherMemoryAlone) {
   constexpr uint64_t kSize = 64u << 10;
   MF_ASSERT_OK_AND_ASSIGN(auto client, Connect());

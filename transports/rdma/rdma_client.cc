@@ -292,6 +292,30 @@ class RdmaRemote final : public fabric::Remote {
     RunCallbacks(&failed);
   }
 
+  bool can_poll() const override { return true; }
+
+  size_t Poll() override {
+    thread_local std::vector<Completion> done;
+    thread_local std::array<ibv_wc, kPollBatch> wcs;
+    {
+      std::shared_lock lock(session_mu_);
+      Session* s = session_.get();
+      if (s == nullptr || broken_flag_.load()) return 0;
+      Collect(*s, wcs, &done);
+    }
+    const size_t n = done.size();
+    RunCallbacks(&done);
+    return n;
+  }
+
+  void SetCallerPolling(bool active) override {
+    if (active) {
+      caller_pollers_.fetch_add(1);
+    } else if (caller_pollers_.fetch_sub(1) == 1) {
+      Wake();  // the completion thread takes over again
+    }
+  }
+
   Status Flush() override {
     std::shared_lock lock(session_mu_);
     if (!session_ || !session_->sideband) return broken_status();
@@ -301,10 +325,7 @@ class RdmaRemote final : public fabric::Remote {
 
   Status Close() override {
     if (closed_.exchange(true)) return Status::Ok();
-    if (wake_fd_) {
-      uint64_t one = 1;
-      [[maybe_unused]] ssize_t n = ::write(wake_fd_.get(), &one, sizeof(one));
-    }
+    Wake();
     if (thread_.joinable()) thread_.join();
     std::unique_ptr<Session> session;
     {
@@ -326,6 +347,12 @@ class RdmaRemote final : public fabric::Remote {
   }
 
  private:
+  void Wake() {
+    if (!wake_fd_) return;
+    uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = ::write(wake_fd_.get(), &one, sizeof(one));
+  }
+
   Status Check(const fabric::IoRequest& r) const {
     MF_RETURN_IF_ERROR(fabric::ValidateRequest(r, *this));
     const auto* reg = dynamic_cast<const RdmaRegistration*>(r.buffer->registration());
@@ -566,6 +593,12 @@ class RdmaRemote final : public fabric::Remote {
           continue;
         }
       }
+      if (caller_pollers_.load() > 0) {
+        // A caller polls the queue itself: stay out of its way (no spinning, no arming);
+        // wake up for connection events, timeouts and the end of its polling.
+        Sleep();
+        continue;
+      }
       if (usable && (busy || now - last_activity < spin)) continue;
       // Sleep until a completion, a connection-manager event, Close() or the next tick.
       // Arm first, then look again: a completion that arrived before arming raised no
@@ -581,11 +614,12 @@ class RdmaRemote final : public fabric::Remote {
     }
   }
 
-  // Takes one batch of completions off s's queue; true when there was any.
-  bool PollOnce(Session& s, std::array<ibv_wc, kPollBatch>& wcs, std::vector<Completion>* done) {
+  // Takes one batch of completions off s's queue into *done (callbacks not run yet);
+  // true when there was any.
+  bool Collect(Session& s, std::array<ibv_wc, kPollBatch>& wcs, std::vector<Completion>* done) {
     const int n = ibv_poll_cq(s.cq.get(), kPollBatch, wcs.data());
     if (n < 0) {
-      Break(s, Status(Code::kIoError, "ibv_poll_cq failed"));
+      Break(s, Status(Code::kIoError, "ibv_poll_cq failed"), done);
       return true;
     }
     if (n == 0) return false;
@@ -595,15 +629,26 @@ class RdmaRemote final : public fabric::Remote {
       if (q < s.qps.size() && !s.qps[q]->Complete(wcs[i], done) && error.ok())
         error = CompletionStatus(wcs[i]);
     }
-    RunCallbacks(done);
-    if (!error.ok()) Break(s, error);
+    if (!error.ok()) Break(s, error, done);
     return true;
+  }
+
+  // The completion thread's poll: the session cannot go away under it (only this thread
+  // replaces it).
+  bool PollOnce(Session& s, std::array<ibv_wc, kPollBatch>& wcs, std::vector<Completion>* done) {
+    const bool any = Collect(s, wcs, done);
+    RunCallbacks(done);
+    return any;
   }
 
   void Sleep() {
     std::array<pollfd, 3> fds{pollfd{cm_channel_->fd, POLLIN, 0}, pollfd{wake_fd_.get(), POLLIN, 0},
                               pollfd{device_ ? device_->channel->fd : -1, POLLIN, 0}};
     if (::poll(fds.data(), fds.size(), static_cast<int>(kTick.count())) <= 0) return;
+    if ((fds[1].revents & POLLIN) != 0) {
+      uint64_t count = 0;
+      [[maybe_unused]] ssize_t n = ::read(wake_fd_.get(), &count, sizeof(count));
+    }
     if (device_ && (fds[2].revents & POLLIN) != 0) {
       ibv_cq* cq = nullptr;
       void* context = nullptr;
@@ -615,8 +660,8 @@ class RdmaRemote final : public fabric::Remote {
     for (auto& qp : s.qps) {
       auto oldest = qp->Oldest();
       if (oldest && now - *oldest > options_.io_timeout) {
-        Break(s, Status(Code::kTimeout,
-                        fmt::format("RDMA request unanswered for {} ms", options_.io_timeout.count())));
+        BreakNow(s, Status(Code::kTimeout,
+                           fmt::format("RDMA request unanswered for {} ms", options_.io_timeout.count())));
         return;
       }
     }
@@ -633,13 +678,15 @@ class RdmaRemote final : public fabric::Remote {
       const bool ours =
           std::any_of(s->qps.begin(), s->qps.end(), [&](auto& qp) { return qp->id().get() == id; });
       if (ours && (type == RDMA_CM_EVENT_DISCONNECTED || type == RDMA_CM_EVENT_DEVICE_REMOVAL)) {
-        Break(*s, Unavailable(fmt::format("RDMA connection to {} lost: {}", url_.host, CmEventName(type))));
+        BreakNow(*s,
+                 Unavailable(fmt::format("RDMA connection to {} lost: {}", url_.host, CmEventName(type))));
       }
     }
   }
 
-  // Fails everything outstanding and stops the session's queue pairs.
-  void Break(Session& s, Status why) {
+  // Fails everything outstanding and stops the session's queue pairs; the failed requests
+  // go to *done (the caller runs their callbacks, outside any lock).
+  void Break(Session& s, Status why, std::vector<Completion>* done) {
     if (broken_flag_.exchange(true)) return;
     spdlog::warn("rdma: {}: {}; reconnecting", name_, why.ToString());
     {
@@ -647,8 +694,13 @@ class RdmaRemote final : public fabric::Remote {
       broken_ = Status(why.code() == Code::kTimeout ? Code::kTimeout : Code::kUnavailable,
                        fmt::format("{} (reconnecting)", why.message()));
     }
+    for (auto& qp : s.qps) qp->Kill(why, done);
+  }
+
+  // Break from the completion thread, which holds no lock: runs the callbacks at once.
+  void BreakNow(Session& s, Status why) {
     std::vector<Completion> done;
-    for (auto& qp : s.qps) qp->Kill(why, &done);
+    Break(s, std::move(why), &done);
     RunCallbacks(&done);
   }
 
@@ -704,6 +756,7 @@ class RdmaRemote final : public fabric::Remote {
   Status broken_ MF_GUARDED_BY(broken_mu_);
   std::atomic<size_t> next_qp_{0};
   std::atomic<bool> closed_{false};
+  std::atomic<int> caller_pollers_{0};  // threads inside SetCallerPolling(true)
   std::thread thread_;
 };
 
