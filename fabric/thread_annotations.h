@@ -18,6 +18,7 @@
 #define MF_EXCLUDES(...) MF_THREAD_ANNOTATION(locks_excluded(__VA_ARGS__))
 #define MF_ACQUIRE(...) MF_THREAD_ANNOTATION(acquire_capability(__VA_ARGS__))
 #define MF_RELEASE(...) MF_THREAD_ANNOTATION(release_capability(__VA_ARGS__))
+#define MF_TRY_ACQUIRE(...) MF_THREAD_ANNOTATION(try_acquire_capability(__VA_ARGS__))
 #define MF_NO_THREAD_SAFETY_ANALYSIS MF_THREAD_ANNOTATION(no_thread_safety_analysis)
 
 namespace mf {
@@ -26,6 +27,7 @@ class MF_CAPABILITY("mutex") Mutex {
  public:
   void Lock() MF_ACQUIRE() { mu_.lock(); }
   void Unlock() MF_RELEASE() { mu_.unlock(); }
+  bool TryLock() MF_TRY_ACQUIRE(true) { return mu_.try_lock(); }
   // For std::condition_variable_any.
   void lock() MF_ACQUIRE() { mu_.lock(); }
   void unlock() MF_RELEASE() { mu_.unlock(); }

@@ -219,6 +219,7 @@ Result<RowResult> RunRow(fabric::Remote& remote, const Row& row, double seconds,
       next_progress = now + kProgressInterval;
     }
   }
+  if (poll) remote.SetCallerPolling(false);
   if (progress) std::fprintf(stderr, "\r%70s\r", "");
   if (!error.ok()) return error.WithContext(RowLabel(row));
 

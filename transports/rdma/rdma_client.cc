@@ -484,7 +484,11 @@ class RdmaRemote final : public fabric::Remote {
     param.rnr_retry_count = kRnrRetryInfinite;
     if (rdma_connect(raw, &param) != 0) return Status::FromErrno(errno, "rdma_connect");
     wire::Accept accept;
-    MF_RETURN_IF_ERROR(Expect(raw, RDMA_CM_EVENT_ESTABLISHED, deadline, &accept));
+    // The server registers the region on an open's first queue pair, which pins every
+    // page of it: for a large region that takes a while, so the accept gets io_timeout
+    // on top of the connect timeout.
+    MF_RETURN_IF_ERROR(Expect(raw, RDMA_CM_EVENT_ESTABLISHED,
+                              Clock::now() + options_.connect_timeout + options_.io_timeout, &accept));
     if (accept.size != session.sideband->info().size) {
       return ProtocolError(
           fmt::format("RDMA accept names {} bytes, the open {}", accept.size, session.sideband->info().size));

@@ -146,10 +146,11 @@ struct Outgoing {
 class DataConnection {
  public:
   DataConnection(std::unique_ptr<Stream> stream, int queue_depth, std::chrono::milliseconds io_timeout,
-                 const std::atomic<bool>* closing)
+                 const std::atomic<bool>* closing, const std::atomic<int>* caller_pollers)
       : stream_(std::move(stream)),
         io_timeout_(io_timeout),
         closing_(closing),
+        caller_pollers_(caller_pollers),
         slots_(static_cast<size_t>(queue_depth)) {
     MutexLock lock(mu_);
     for (size_t i = slots_.size(); i > 0; --i) free_.push_back(static_cast<uint32_t>(i - 1));
@@ -162,7 +163,18 @@ class DataConnection {
   void Start() {
     reader_ = std::thread([this] { ReadLoop(); });
   }
-  void Shutdown() { stream_->Shutdown(); }
+  void Shutdown() {
+    stream_->Shutdown();
+    Unpark();
+  }
+  // Wakes the reader thread if it is parked while callers poll.
+  void Unpark() MF_EXCLUDES(park_mu_) {
+    MutexLock lock(park_mu_);
+    park_cv_.notify_all();
+  }
+  // A caller's poll (Remote::Poll): completes the replies that have arrived, on the
+  // calling thread, unless the reader thread is receiving right now. Returns how many.
+  size_t PollReplies() MF_EXCLUDES(rx_mu_, mu_);
   void Join() {
     if (reader_.joinable()) reader_.join();
   }
@@ -183,10 +195,13 @@ class DataConnection {
   }
 
  private:
-  void ReadLoop() MF_EXCLUDES(mu_);
+  void ReadLoop() MF_EXCLUDES(mu_, rx_mu_);
+  // Completes every reply that has arrived (reading a started one to its end); *idle when
+  // the socket had nothing more. Adds the replies completed to *completed.
+  Status ReceiveReady(size_t* completed, bool* idle) MF_REQUIRES(rx_mu_) MF_EXCLUDES(mu_);
   // Completes the reply whose header is at the front of the receive buffer, taking its
   // payload from the buffer and then from the socket.
-  Status ReadOne() MF_EXCLUDES(mu_);
+  Status ReadOne() MF_REQUIRES(rx_mu_) MF_EXCLUDES(mu_);
   // Reader thread, once, as it stops: marks the connection dead and completes every
   // request not being sent (their senders complete those).
   void FailAll(const Status& status) MF_EXCLUDES(mu_);
@@ -196,8 +211,9 @@ class DataConnection {
 
   const std::unique_ptr<Stream> stream_;
   const std::chrono::milliseconds io_timeout_;
-  const std::atomic<bool>* closing_;  // the owning remote's Close() started
-  Mutex send_mu_;                     // one request on the wire at a time
+  const std::atomic<bool>* closing_;        // the owning remote's Close() started
+  const std::atomic<int>* caller_pollers_;  // threads polling the owning remote themselves
+  Mutex send_mu_;                           // one request on the wire at a time
   Mutex mu_;
   std::condition_variable_any slot_cv_;
   std::vector<Slot> slots_ MF_GUARDED_BY(mu_);
@@ -205,11 +221,16 @@ class DataConnection {
   bool dead_ MF_GUARDED_BY(mu_) = false;
   bool reader_done_ MF_GUARDED_BY(mu_) = false;  // FailAll ran; the reader has stopped
   Status dead_status_ MF_GUARDED_BY(mu_);
-  std::array<std::byte, wire::kMaxMessageSize> message_{};  // reader thread only
-  // Reader thread only: received bytes not yet taken are [rx_begin_, rx_end_).
-  std::unique_ptr<std::byte[]> rx_{new std::byte[kReceiveBufferSize]};
-  size_t rx_begin_ = 0;
-  size_t rx_end_ = 0;
+  // The receive side: the reader thread, or a caller polling, holds rx_mu_ to receive.
+  Mutex rx_mu_;
+  std::array<std::byte, wire::kMaxMessageSize> message_ MF_GUARDED_BY(rx_mu_){};
+  // Received bytes not yet taken are [rx_begin_, rx_end_).
+  std::unique_ptr<std::byte[]> rx_ MF_GUARDED_BY(rx_mu_){new std::byte[kReceiveBufferSize]};
+  size_t rx_begin_ MF_GUARDED_BY(rx_mu_) = 0;
+  size_t rx_end_ MF_GUARDED_BY(rx_mu_) = 0;
+  Status rx_error_ MF_GUARDED_BY(rx_mu_);  // a polling caller's receive failed
+  Mutex park_mu_;
+  std::condition_variable_any park_cv_;
   std::thread reader_;  // last: uses everything above
 };
 
@@ -351,6 +372,44 @@ Status DataConnection::Expired() {
   return Status::Ok();
 }
 
+size_t DataConnection::PollReplies() {
+  if (!rx_mu_.TryLock()) return 0;
+  size_t completed = 0;
+  bool idle = false;
+  Status st = rx_error_;
+  if (st.ok()) st = ReceiveReady(&completed, &idle);
+  if (!st.ok() && rx_error_.ok()) rx_error_ = st;  // the reader thread fails the connection
+  rx_mu_.Unlock();
+  if (!st.ok()) Unpark();
+  return completed;
+}
+
+Status DataConnection::ReceiveReady(size_t* completed, bool* idle) {
+  *idle = false;
+  while (true) {
+    if (rx_end_ - rx_begin_ >= wire::kFrameHeaderSize) {
+      // A reply has started: it is read to its end against a deadline.
+      MF_RETURN_IF_ERROR(ReadOne());
+      ++*completed;
+      continue;
+    }
+    // Take in what has arrived. TLS may have records that carry no data (session
+    // tickets, key updates).
+    if (rx_begin_ > 0) {
+      std::memmove(rx_.get(), rx_.get() + rx_begin_, rx_end_ - rx_begin_);
+      rx_end_ -= rx_begin_;
+      rx_begin_ = 0;
+    }
+    MF_ASSIGN_OR_RETURN(size_t n,
+                        stream_->ReadSome(std::span(rx_.get() + rx_end_, kReceiveBufferSize - rx_end_)));
+    if (n == 0) {
+      *idle = true;
+      return Status::Ok();
+    }
+    rx_end_ += n;
+  }
+}
+
 void DataConnection::ReadLoop() {
   auto next_check = Clock::now() + kReaderTick;
   while (true) {
@@ -365,29 +424,27 @@ void DataConnection::ReadLoop() {
       }
     }
     Status st;
-    if (rx_end_ - rx_begin_ >= wire::kFrameHeaderSize) {
-      // A reply has started: it is read to its end against a deadline.
-      st = ReadOne();
-    } else {
-      // Take in what has arrived; wait only when nothing has. TLS may wake us for records
-      // that carry no data (session tickets, key updates).
-      if (rx_begin_ > 0) {
-        std::memmove(rx_.get(), rx_.get() + rx_begin_, rx_end_ - rx_begin_);
-        rx_end_ -= rx_begin_;
-        rx_begin_ = 0;
+    bool idle = false;
+    {
+      MutexLock lock(rx_mu_);
+      st = rx_error_;
+      if (st.ok() && (caller_pollers_->load() == 0 || *closing_)) {
+        size_t completed = 0;
+        st = ReceiveReady(&completed, &idle);
       }
-      auto n = stream_->ReadSome(std::span(rx_.get() + rx_end_, kReceiveBufferSize - rx_end_));
-      st = n.status();
-      if (st.ok() && *n > 0) {
-        rx_end_ += *n;
-        continue;
-      }
-      if (st.ok()) {
-        pollfd p{stream_->fd(), static_cast<short>(stream_->read_wait() == IoWait::kWrite ? POLLOUT : POLLIN),
-                 0};
-        int ready = ::poll(&p, 1, static_cast<int>(kReaderTick.count()));
-        if (ready < 0 && errno != EINTR) st = Status::FromErrno(errno, "poll");
-      }
+    }
+    if (st.ok() && caller_pollers_->load() > 0 && !*closing_) {
+      // Callers poll the socket themselves: stay out of their way until they stop, the
+      // connection closes, a caller's receive fails or the next deadline check.
+      MutexLock lock(park_mu_);
+      park_cv_.wait_for(park_mu_, kReaderTick);
+      continue;
+    }
+    if (st.ok() && idle) {
+      pollfd p{stream_->fd(), static_cast<short>(stream_->read_wait() == IoWait::kWrite ? POLLOUT : POLLIN),
+               0};
+      int ready = ::poll(&p, 1, static_cast<int>(kReaderTick.count()));
+      if (ready < 0 && errno != EINTR) st = Status::FromErrno(errno, "poll");
     }
     if (!st.ok()) {
       if (!*closing_) spdlog::warn("tcp client: data connection failed: {}", st.ToString());
@@ -464,8 +521,8 @@ class TcpRemote final : public fabric::Remote {
 
   // Set-up, before the Remote is shared.
   void AddConnection(std::unique_ptr<Stream> stream, int queue_depth) {
-    conns_.push_back(
-        std::make_unique<DataConnection>(std::move(stream), queue_depth, io_timeout_, &closing_));
+    conns_.push_back(std::make_unique<DataConnection>(std::move(stream), queue_depth, io_timeout_, &closing_,
+                                                      &caller_pollers_));
   }
   void StartReaders() {
     for (auto& c : conns_) c->Start();
@@ -501,6 +558,20 @@ class TcpRemote final : public fabric::Remote {
       }
     }
     if (count > 0) SendAnywhere(std::span(group).first(count));
+  }
+
+  bool can_poll() const override { return true; }
+  size_t Poll() override {
+    size_t n = 0;
+    for (auto& c : conns_) n += c->PollReplies();
+    return n;
+  }
+  void SetCallerPolling(bool active) override {
+    if (active) {
+      caller_pollers_.fetch_add(1);
+    } else if (caller_pollers_.fetch_sub(1) == 1) {
+      for (auto& c : conns_) c->Unpark();  // the readers take over again
+    }
   }
 
   Status Flush() override {
@@ -606,6 +677,7 @@ class TcpRemote final : public fabric::Remote {
   const std::string transport_;
   const std::chrono::milliseconds io_timeout_;
   std::atomic<bool> closing_{false};
+  std::atomic<int> caller_pollers_{0};  // threads inside SetCallerPolling(true)
   std::atomic<size_t> next_{0};
   Mutex close_mu_;
   bool closed_ MF_GUARDED_BY(close_mu_) = false;
