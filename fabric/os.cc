@@ -1,6 +1,9 @@
 #include "fabric/os.h"
 
+#include <fcntl.h>
+#include <spawn.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <utility>
@@ -62,6 +65,32 @@ Status ReadAll(int fd, std::span<std::byte> buf) {
     buf = buf.subspan(static_cast<size_t>(n));
   }
   return Status::Ok();
+}
+
+Status RunProgram(const std::vector<std::string>& argv, bool quiet) {
+  if (argv.empty()) return InvalidArgument("no program to run");
+  std::vector<char*> args;
+  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+  if (quiet) {
+    posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+  }
+  pid_t pid = 0;
+  const int spawned = ::posix_spawnp(&pid, args[0], &actions, nullptr, args.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (spawned != 0) return Status::FromErrno(spawned, "running " + argv[0]);
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0) {
+    if (errno != EINTR) return Status::FromErrno(errno, "waiting for " + argv[0]);
+  }
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return Status::Ok();
+  if (WIFEXITED(status)) {
+    return Status(Code::kIoError, argv[0] + " exited with status " + std::to_string(WEXITSTATUS(status)));
+  }
+  return Status(Code::kIoError, argv[0] + " was killed by signal " + std::to_string(WTERMSIG(status)));
 }
 
 }  // namespace mf

@@ -11,6 +11,7 @@
 #include <span>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "fabric/status.h"
 
@@ -81,6 +82,11 @@ class MappedMemory final {
 // Reading EOF before the end returns kUnavailable ("peer closed").
 Status WriteAll(int fd, std::span<const std::byte> buf);
 Status ReadAll(int fd, std::span<std::byte> buf);
+
+// Runs argv[0] (looked up in PATH) with argv, stdin from /dev/null and, with `quiet`, its
+// stdout too (stderr stays this process's); waits for it. OK when it exits 0; kNotFound when it cannot be
+// run; kIoError naming the program and its exit status (or signal) otherwise.
+Status RunProgram(const std::vector<std::string>& argv, bool quiet = false);
 
 // Rounds up to a multiple of `align` (a power of two).
 constexpr uint64_t AlignUp(uint64_t v, uint64_t align) {

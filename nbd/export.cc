@@ -16,6 +16,7 @@
 #include <climits>
 #include <condition_variable>
 #include <cstring>
+#include <optional>
 
 #include "nbd/protocol.h"
 
@@ -119,6 +120,22 @@ uint32_t NbdError(const Status& s) {
   }
 }
 
+// The transmission flags of an export.
+uint16_t TransmissionFlags(bool read_only, bool structured) {
+  uint16_t flags = kTxHasFlags | kTxSendFlush | kTxSendCache | kTxCanMultiConn;
+  if (read_only) {
+    flags |= kTxReadOnly;
+  } else {
+    flags |= kTxSendFua | kTxSendTrim | kTxSendWriteZeroes | kTxSendFastZero;
+  }
+  if (structured) flags |= kTxSendDf;
+  return flags;
+}
+
+bool IsReadOnly(const ExportSpec& spec) {
+  return spec.read_only || !spec.remote->writable();
+}
+
 std::span<const std::byte> AsBytes(std::string_view s) {
   return std::as_bytes(std::span(s.data(), s.size()));
 }
@@ -129,7 +146,9 @@ std::span<const std::byte> AsBytes(std::string_view s) {
 
 class Export::Connection final : public fabric::IoCallback {
  public:
-  Connection(Export& owner, UniqueFd fd, uint64_t id) : owner_(owner), fd_(std::move(fd)), id_(id) {}
+  // With `entered`, the connection skips the handshake and serves that export at once.
+  Connection(Export& owner, UniqueFd fd, uint64_t id, std::optional<ExportSpec> entered)
+      : owner_(owner), fd_(std::move(fd)), id_(id), entered_(std::move(entered)) {}
   ~Connection() {
     if (thread_.joinable()) thread_.join();
   }
@@ -173,7 +192,6 @@ class Export::Connection final : public fabric::IoCallback {
   Status ReplyOption(uint32_t option, uint32_t type, std::string_view message = {});
   // Takes the export for transmission and allocates the slots.
   Status Enter(const ExportSpec& spec);
-  uint16_t TransmissionFlags() const;
   Status Transmission();
   // Reader thread: validates a request; 0 when it may proceed.
   uint32_t Validate(const Request& r, const char** message) const;
@@ -199,6 +217,7 @@ class Export::Connection final : public fabric::IoCallback {
   Mutex fd_mu_;  // fd_ is closed under it, so Shutdown never hits a reused number
   UniqueFd fd_ MF_GUARDED_BY(fd_mu_);
   const uint64_t id_;
+  const std::optional<ExportSpec> entered_;  // set: no handshake (ServeTransmission)
   std::string peer_;
   std::atomic<bool> finished_{false};
 
@@ -248,7 +267,12 @@ void Export::Connection::Run() {
   int one = 1;
   (void)::setsockopt(fd(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));  // fails harmlessly on unix
 
-  auto entered = Handshake();
+  Result<bool> entered = true;
+  if (!entered_) {
+    entered = Handshake();
+  } else if (Status taken = Enter(*entered_); !taken.ok()) {
+    entered = std::move(taken);
+  }
   Status result;
   if (!entered.ok()) {
     result = entered.status();
@@ -379,12 +403,9 @@ Status Export::Connection::HandleInfoOrGo(uint32_t option, std::span<const std::
   Lookup found = owner_.Find(request->name);
   if (!found.found) return ReplyOption(option, kRepErrUnknown, "no export named '" + request->name + "'");
   const ExportSpec& spec = found.spec;
-  const bool read_only = spec.read_only || !spec.remote->writable();
   const uint64_t size = spec.remote->size();
   // What transmission flags would be (GO recomputes them in Enter with the same inputs).
-  export_name_ = spec.name;
-  read_only_ = read_only;
-  const uint16_t flags = TransmissionFlags();
+  const uint16_t flags = TransmissionFlags(IsReadOnly(spec), structured_);
 
   std::vector<std::byte> out;
   std::array<std::byte, kInfoExportSize> info_export{};
@@ -438,23 +459,12 @@ Status Export::Connection::HandleMetaContext(uint32_t option, std::span<const st
   return SendBytes(fd(), out);
 }
 
-uint16_t Export::Connection::TransmissionFlags() const {
-  uint16_t flags = kTxHasFlags | kTxSendFlush | kTxSendCache | kTxCanMultiConn;
-  if (read_only_) {
-    flags |= kTxReadOnly;
-  } else {
-    flags |= kTxSendFua | kTxSendTrim | kTxSendWriteZeroes | kTxSendFastZero;
-  }
-  if (structured_) flags |= kTxSendDf;
-  return flags;
-}
-
 Status Export::Connection::Enter(const ExportSpec& spec) {
   export_name_ = spec.name;
   remote_ = spec.remote;
   size_ = remote_->size();
-  read_only_ = spec.read_only || !remote_->writable();
-  tx_flags_ = TransmissionFlags();
+  read_only_ = IsReadOnly(spec);
+  tx_flags_ = TransmissionFlags(read_only_, structured_);
   block_status_ = structured_ && meta_selected_ && meta_export_ == spec.name;
 
   const ExportOptions& o = owner_.options_;
@@ -1023,6 +1033,24 @@ void Export::AcceptLoop(int listen_fd) {
 }
 
 Status Export::ServeConnection(UniqueFd fd) {
+  return StartConnection(std::move(fd), nullptr);
+}
+
+Status Export::ServeTransmission(UniqueFd fd, std::string_view name) {
+  Lookup found = Find(name);
+  if (!found.found) return NotFound("no export named '" + std::string(name) + "'");
+  return StartConnection(std::move(fd), &found.spec);
+}
+
+Result<ExportInfo> Export::Info(std::string_view name) const {
+  Lookup found = Find(name);
+  if (!found.found) return NotFound("no export named '" + std::string(name) + "'");
+  const bool read_only = IsReadOnly(found.spec);
+  return ExportInfo{found.spec.name, found.spec.remote->size(), TransmissionFlags(read_only, false),
+                    read_only};
+}
+
+Status Export::StartConnection(UniqueFd fd, const ExportSpec* entered) {
   if (!fd.valid()) return InvalidArgument("invalid file descriptor");
   const int flags = ::fcntl(fd.get(), F_GETFL);
   if (flags >= 0 && (flags & O_NONBLOCK) != 0) (void)::fcntl(fd.get(), F_SETFL, flags & ~O_NONBLOCK);
@@ -1035,7 +1063,9 @@ Status Export::ServeConnection(UniqueFd fd) {
   }
   accepted_.fetch_add(1);
   active_.fetch_add(1);
-  auto connection = std::make_unique<Connection>(*this, std::move(fd), next_connection_id_.fetch_add(1));
+  auto connection =
+      std::make_unique<Connection>(*this, std::move(fd), next_connection_id_.fetch_add(1),
+                                   entered != nullptr ? std::optional<ExportSpec>(*entered) : std::nullopt);
   connection->Start();
   connections_.push_back(std::move(connection));
   return Status::Ok();

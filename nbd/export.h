@@ -65,6 +65,15 @@ struct ExportSpec {
   bool read_only = false;            // also read-only when !remote->writable()
 };
 
+// What a client learns about an export when it enters transmission without structured
+// replies (as the kernel's NBD driver does).
+struct ExportInfo {
+  std::string name;
+  uint64_t size = 0;
+  uint16_t flags = 0;  // NBD transmission flags (kTx*)
+  bool read_only = false;
+};
+
 struct ExportStats {
   uint64_t connections_accepted = 0;
   uint64_t connections_active = 0;
@@ -94,6 +103,13 @@ class Export {
   // kernel's NBD driver); takes ownership of fd. kResourceExhausted when max_connections
   // are being served (fd is closed), kAborted after Stop().
   Status ServeConnection(UniqueFd fd);
+  // Serves a connection that is already past the handshake, as the kernel's NBD driver
+  // uses one: requests for export `name` ("" = the default export) come at once and get
+  // simple replies with the flags of Info(name). Takes ownership of fd. kNotFound for an
+  // unknown export (fd is closed); otherwise as ServeConnection.
+  Status ServeTransmission(UniqueFd fd, std::string_view name);
+  // The size and transmission flags of export `name` ("" = the default). kNotFound if none.
+  Result<ExportInfo> Info(std::string_view name) const;
 
   // Stops listening, disconnects every client (in-flight requests complete first) and joins
   // every thread. Idempotent.
@@ -116,6 +132,9 @@ class Export {
   };
 
   Status StartListener(UniqueFd fd, std::string unix_path) MF_EXCLUDES(mu_);
+  // ServeConnection and ServeTransmission: starts a Connection (with the handshake unless
+  // `entered` names the export it serves).
+  Status StartConnection(UniqueFd fd, const ExportSpec* entered) MF_EXCLUDES(mu_);
   void AcceptLoop(int listen_fd);
   void ReapFinished() MF_EXCLUDES(mu_);
   // The export named `name` ("" = the default export).

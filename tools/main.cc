@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "tools/cli_common.h"
+#include "tools/nbd_cmds.h"
 
 namespace {
 
@@ -38,6 +39,7 @@ int main(int argc, char** argv) {
   mf::cli::AddClientCommands(app, commands);
   mf::cli::AddBenchCommand(app, commands);
   mf::cli::AddMountCommand(app, commands);
+  mf::cli::AddNbdCommands(app, commands);
 
   try {
     app.parse(argc, argv);

@@ -1,6 +1,7 @@
 // memfabric mount --uffd: map a remote region into this process with userfaultfd and use
 // it as memory — checksum it, fill part of it, or hold it open with periodic sync while
-// showing progress. Also the scan behind `memfabric bench --uffd`.
+// showing progress. Also the scan behind `memfabric bench --uffd`. `mount --nbd` is
+// RunNbdMount (nbd_cmds.cc).
 #include <fmt/core.h>
 #include <signal.h>
 #include <unistd.h>
@@ -15,6 +16,7 @@
 
 #include "fabric/region.h"
 #include "tools/cli_common.h"
+#include "tools/nbd_cmds.h"
 #include "uffd/mapping.h"
 
 namespace mf::cli {
@@ -33,11 +35,16 @@ constexpr char kMountFooter[] = R"(Examples:
   memfabric mount --uffd tcp://10.0.0.5:7411/cache --writable --fill 0x5a --offset 4M --length 1M
   # keep it mapped, syncing every 2 s, showing how much is local and dirty (Ctrl-C ends)
   memfabric mount --uffd tcp://10.0.0.5:7411/cache --writable --hold --sync-interval 2s
+  # as a block device (root): prints /dev/nbdX, detaches on Ctrl-C or SIGTERM
+  memfabric mount --nbd tcp://10.0.0.5:7411/disk --writable
+  memfabric mount --nbd tcp://10.0.0.5:7411/disk /dev/nbd3 --reclaim   # take nbd3 back from a crash
 The mapping lives in this process: a program that wants the memory itself links the
-library (uffd::Mapping). `--nbd` (a /dev/nbdX block device) comes with the NBD device.)";
+library (uffd::Mapping); any program can use the --nbd block device.)";
 
 struct MountFlags {
   TargetFlags target;
+  std::string device;  // --nbd: /dev/nbdN
+  bool reclaim = false;
   bool uffd = false;
   bool nbd = false;
   std::string chunk = "64K";
@@ -107,8 +114,13 @@ int RunMount(const MountFlags& flags) {
     return Report(kMountCmd, InvalidArgument("choose one view: --uffd (this process's memory) or --nbd"));
   }
   if (flags.nbd) {
-    return Report(kMountCmd, Unsupported("--nbd is not built yet"),
-                  "use --uffd, or serve the region over NBD");
+    if (!flags.fill.empty() || flags.hold || flags.sync_interval != "0") {
+      return Report(kMountCmd, InvalidArgument("--fill, --hold and --sync-interval go with --uffd only"));
+    }
+    return RunNbdMount({flags.target, flags.device, flags.writable, flags.reclaim, flags.connections});
+  }
+  if (!flags.device.empty() || flags.reclaim) {
+    return Report(kMountCmd, InvalidArgument("DEVICE and --reclaim go with --nbd only"));
   }
   auto chunk = ParseByteCount("--chunk", flags.chunk);
   auto interval = ParseDuration(flags.sync_interval);
@@ -247,11 +259,15 @@ int RunUffdScan(std::string_view command, const TargetFlags& target, const std::
 
 void AddMountCommand(CLI::App& app, std::vector<Command>& commands) {
   auto flags = std::make_shared<MountFlags>();
-  CLI::App* sub = app.add_subcommand("mount", "Map a remote region into memory (--uffd) and use it");
+  CLI::App* sub = app.add_subcommand(
+      "mount", "Map a remote region into memory (--uffd) or attach it as /dev/nbdX (--nbd)");
   sub->footer(kMountFooter);
   sub->add_option("URL", flags->target.url, "The region: SCHEME://HOST[:PORT]/NAME")->required();
   sub->add_flag("--uffd", flags->uffd, "Map into this process with userfaultfd");
-  sub->add_flag("--nbd", flags->nbd, "As a /dev/nbdX block device (not built yet)");
+  sub->add_flag("--nbd", flags->nbd, "As a /dev/nbdX block device (root); stays until SIGINT/SIGTERM");
+  sub->add_option("DEVICE", flags->device, "--nbd: the device, e.g. /dev/nbd0 (default: any free one)");
+  sub->add_flag("--reclaim", flags->reclaim,
+                "--nbd: take DEVICE back when a crashed memfabric left it connected");
   sub->add_option("--chunk", flags->chunk, "Pull/push unit, a power of two from 4K to 2M")
       ->capture_default_str();
   sub->add_flag("--no-prefetch", flags->no_prefetch, "Pull only what is touched");

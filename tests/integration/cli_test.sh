@@ -12,9 +12,11 @@ REGION_SIZE_BYTES=4194304
 
 WORK=$(mktemp -d /tmp/mf-cli-test.XXXXXX)
 SERVE_PID=""
+NBD_PID=""
 FAILURES=0
 CHECKS=0
 cleanup() {
+  [[ -n "$NBD_PID" ]] && kill "$NBD_PID" 2>/dev/null
   if [[ -n "$SERVE_PID" ]]; then
     kill "$SERVE_PID" 2>/dev/null || true
     wait "$SERVE_PID" 2>/dev/null || true
@@ -86,7 +88,7 @@ stop_server() {
 }
 
 # ---- usage: help, exit codes --------------------------------------------------------
-for sub in serve ls create rm stat read write bench; do
+for sub in serve ls create rm stat read write bench nbd swap; do
   run "help-$sub" "$MF" "$sub" --help
   expect_rc "help-$sub" 0
   expect_in "help-$sub" out "Example"
@@ -244,6 +246,56 @@ expect_in bench-uffd out '"order":"random","mb_per_s":[0-9.]+,"faults":[1-9]'
 run mount-help "$MF" mount --help
 expect_rc mount-help 0
 expect_in mount-help out "Example"
+
+# ---- nbd: the region over the NBD protocol, for libnbd's tools ------------------------
+if command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null; then
+  NBD_SOCK="$WORK/nbd.sock"
+  "$MF" nbd "$URL/data" --listen "unix:$NBD_SOCK" --writable "${C[@]}" 2>"$WORK/nbd-serve.log" &
+  NBD_PID=$!
+  for ((i = 0; i < SERVER_WAIT_TRIES; i++)); do
+    [[ -S "$NBD_SOCK" ]] && break
+    sleep 0.1
+  done
+  run nbdinfo nbdinfo --json "nbd+unix:///data?socket=$NBD_SOCK"
+  expect_rc nbdinfo 0
+  expect_in nbdinfo out '"export-size": 4194304'
+  expect_in nbdinfo out '"is_read_only": false'
+  head -c 1048576 /dev/urandom >"$WORK/nbd-pattern"
+  run nbdcopy nbdcopy "$WORK/nbd-pattern" "nbd+unix:///data?socket=$NBD_SOCK"
+  expect_rc nbdcopy 0
+  run nbd-readback "$MF" read "$URL/data" 0 1M "${C[@]}"
+  if cmp -s "$WORK/nbd-pattern" "$WORK/nbd-readback.out"; then
+    pass "nbd: the server holds what nbdcopy wrote"
+  else
+    fail "nbd: the server does not hold what nbdcopy wrote"
+  fi
+  kill -TERM "$NBD_PID"
+  rc=0
+  wait "$NBD_PID" || rc=$?
+  NBD_PID=""
+  if ((rc == 0)); then pass "nbd: exit 0 on SIGTERM"; else fail "nbd: exit $rc on SIGTERM"; fi
+  if grep -q "nbd: connection .* serves 'data'" "$WORK/nbd-serve.log"; then
+    pass "nbd: logged its connections"
+  else
+    fail "nbd: no connection in its log: $(head -c 600 "$WORK/nbd-serve.log")"
+  fi
+else
+  echo "skip nbd: nbdinfo/nbdcopy (libnbd-bin) not installed"
+fi
+run nbd-no-listen "$MF" nbd "$URL/data" "${C[@]}"
+expect_rc nbd-no-listen 2
+expect_in nbd-no-listen err "--listen"
+run swap-bad-device "$MF" swap "$URL/data" /dev/sda "${C[@]}"
+expect_rc swap-bad-device 2
+expect_in swap-bad-device err "not an NBD device"
+run mount-uffd-device "$MF" mount --uffd "$URL/data" /dev/nbd0 "${C[@]}"
+expect_rc mount-uffd-device 2
+expect_in mount-uffd-device err "go with --nbd only"
+if [[ ! -e /sys/module/nbd ]]; then  # a host without the NBD driver: the error says so
+  run mount-nbd-nodriver "$MF" mount --nbd "$URL/data" "${C[@]}"
+  expect_rc mount-nbd-nodriver 1
+  expect_in mount-nbd-nodriver err "no NBD driver"
+fi
 
 # ---- a client may create file-backed regions only inside the server's --store -------
 run create-file-nostore "$MF" create "$URL/f" --size 64K --backing "file:f.img" "${C[@]}"

@@ -1,0 +1,775 @@
+#include "nbd/device.h"
+
+#include <fcntl.h>
+#include <linux/nbd-netlink.h>
+#include <linux/nbd.h>
+#include <netlink/genl/ctrl.h>
+#include <netlink/genl/genl.h>
+#include <netlink/netlink.h>
+#include <poll.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <optional>
+#include <span>
+#include <utility>
+
+namespace mf::nbd {
+namespace {
+
+constexpr char kModuleDir[] = "/sys/module/nbd";
+constexpr char kSysBlock[] = "/sys/block";
+constexpr char kBackendPrefix[] = "memfabric pid=";
+constexpr uint64_t kSectorSize = 512;  // unit of /sys/block/*/size
+constexpr auto kPollInterval = std::chrono::milliseconds(20);
+constexpr auto kMonitorTick = std::chrono::milliseconds(500);
+
+std::string DevicePath(int index) {
+  return "/dev/nbd" + std::to_string(index);
+}
+std::string SysBlock(int index) {
+  return std::string(kSysBlock) + "/nbd" + std::to_string(index);
+}
+
+// The first line of a sysfs file, or nullopt when it does not exist.
+std::optional<std::string> ReadSysfs(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return std::nullopt;
+  std::string line;
+  std::getline(in, line);
+  return line;
+}
+
+template <typename T>
+std::optional<T> ParseNumber(std::string_view text) {
+  T value{};
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || end != text.data() + text.size()) return std::nullopt;
+  return value;
+}
+
+bool ProcessAlive(pid_t pid) {
+  return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM);
+}
+
+Status SysError(std::string_view what) {
+  return Status::FromErrno(errno, what);
+}
+
+// ---- Generic netlink (libnl-3) ------------------------------------------------------------------
+
+struct NlSockFree {
+  void operator()(nl_sock* s) const { nl_socket_free(s); }
+};
+struct NlMsgFree {
+  void operator()(nl_msg* m) const { nlmsg_free(m); }
+};
+struct NlCbPut {
+  void operator()(nl_cb* c) const { nl_cb_put(c); }
+};
+using NlSock = std::unique_ptr<nl_sock, NlSockFree>;
+using NlMsg = std::unique_ptr<nl_msg, NlMsgFree>;
+using NlCb = std::unique_ptr<nl_cb, NlCbPut>;
+
+Status NlError(int nl_error, std::string_view what) {
+  return Status(Code::kIoError, std::string(what) + ": " + nl_geterror(nl_error));
+}
+
+// What a reply carried, filled by the callbacks of Netlink::Transact.
+struct Reply {
+  std::optional<int> index;                   // NBD_ATTR_INDEX (CONNECT)
+  std::vector<std::pair<int, bool>> devices;  // NBD_ATTR_DEVICE_LIST (STATUS): index, connected
+  int error = 0;                              // errno of an NLMSG_ERROR
+  bool acked = false;
+};
+
+int OnReply(nl_msg* msg, void* arg) {
+  auto* reply = static_cast<Reply*>(arg);
+  nlattr* attrs[NBD_ATTR_MAX + 1] = {};
+  if (genlmsg_parse(nlmsg_hdr(msg), 0, attrs, NBD_ATTR_MAX, nullptr) < 0) return NL_SKIP;
+  if (attrs[NBD_ATTR_INDEX] != nullptr) reply->index = static_cast<int>(nla_get_u32(attrs[NBD_ATTR_INDEX]));
+  if (nlattr* list = attrs[NBD_ATTR_DEVICE_LIST]; list != nullptr) {
+    int left = nla_len(list);
+    for (auto* item = static_cast<nlattr*>(nla_data(list)); nla_ok(item, left) != 0;
+         item = nla_next(item, &left)) {
+      nlattr* device[NBD_DEVICE_ATTR_MAX + 1] = {};
+      if (nla_parse_nested(device, NBD_DEVICE_ATTR_MAX, item, nullptr) < 0 ||
+          device[NBD_DEVICE_INDEX] == nullptr) {
+        continue;
+      }
+      const bool connected =
+          device[NBD_DEVICE_CONNECTED] != nullptr && nla_get_u8(device[NBD_DEVICE_CONNECTED]) != 0;
+      reply->devices.emplace_back(static_cast<int>(nla_get_u32(device[NBD_DEVICE_INDEX])), connected);
+    }
+  }
+  return NL_OK;
+}
+
+int OnError(sockaddr_nl*, nlmsgerr* error, void* arg) {
+  static_cast<Reply*>(arg)->error = -error->error;
+  return NL_STOP;
+}
+
+int OnAck(nl_msg*, void* arg) {
+  static_cast<Reply*>(arg)->acked = true;
+  return NL_STOP;
+}
+
+struct ConnectRequest {
+  int index = -1;
+  uint64_t size = 0;
+  uint16_t server_flags = 0;
+  uint64_t io_timeout_s = 0;
+  uint64_t dead_timeout_s = 0;
+  std::string backend;
+  std::vector<int> fds;
+};
+
+// A generic netlink socket with the "nbd" family resolved. Not thread-safe: one per use.
+class Netlink final {
+ public:
+  // kUnsupported when the kernel has no "nbd" family (no module, or no netlink interface).
+  static Result<Netlink> Open() {
+    NlSock sock(nl_socket_alloc());
+    if (!sock) return Status(Code::kResourceExhausted, "nl_socket_alloc failed");
+    if (int rc = genl_connect(sock.get()); rc < 0) return NlError(rc, "connecting to generic netlink");
+    const int family = genl_ctrl_resolve(sock.get(), NBD_GENL_FAMILY_NAME);
+    if (family < 0) return Unsupported("the kernel has no \"nbd\" generic netlink family");
+    return Netlink(std::move(sock), family);
+  }
+
+  nl_sock* sock() const { return sock_.get(); }
+
+  // NBD_CMD_CONNECT; returns the device index the kernel used.
+  Result<int> Connect(const ConnectRequest& c) {
+    MF_ASSIGN_OR_RETURN(NlMsg msg, NewMessage(NBD_CMD_CONNECT));
+    bool ok = true;
+    if (c.index >= 0) ok &= nla_put_u32(msg.get(), NBD_ATTR_INDEX, static_cast<uint32_t>(c.index)) == 0;
+    ok &= nla_put_u64(msg.get(), NBD_ATTR_SIZE_BYTES, c.size) == 0;
+    ok &= nla_put_u64(msg.get(), NBD_ATTR_BLOCK_SIZE_BYTES, kDeviceBlockSize) == 0;
+    ok &= nla_put_u64(msg.get(), NBD_ATTR_SERVER_FLAGS, c.server_flags) == 0;
+    ok &= nla_put_u64(msg.get(), NBD_ATTR_TIMEOUT, c.io_timeout_s) == 0;
+    ok &= nla_put_u64(msg.get(), NBD_ATTR_DEAD_CONN_TIMEOUT, c.dead_timeout_s) == 0;
+    ok &= nla_put_string(msg.get(), NBD_ATTR_BACKEND_IDENTIFIER, c.backend.c_str()) == 0;
+    ok &= PutSockets(msg.get(), c.fds);
+    if (!ok) return Status(Code::kResourceExhausted, "NBD_CMD_CONNECT does not fit in a netlink message");
+    Reply reply;
+    MF_RETURN_IF_ERROR(Transact(std::move(msg), "NBD_CMD_CONNECT", &reply));
+    if (reply.index) return *reply.index;
+    if (c.index >= 0) return c.index;
+    return ProtocolError("NBD_CMD_CONNECT: the kernel's reply names no device");
+  }
+
+  // NBD_CMD_RECONFIGURE with new sockets: each replaces a dead connection of the device.
+  // `backend` must be the identifier the device was connected with (the kernel checks).
+  Status Reconfigure(int index, const std::string& backend, std::span<const int> fds) {
+    MF_ASSIGN_OR_RETURN(NlMsg msg, NewMessage(NBD_CMD_RECONFIGURE));
+    bool ok = nla_put_u32(msg.get(), NBD_ATTR_INDEX, static_cast<uint32_t>(index)) == 0;
+    ok &= nla_put_string(msg.get(), NBD_ATTR_BACKEND_IDENTIFIER, backend.c_str()) == 0;
+    ok &= PutSockets(msg.get(), fds);
+    if (!ok) return Status(Code::kResourceExhausted, "NBD_CMD_RECONFIGURE does not fit in a netlink message");
+    Reply reply;
+    return Transact(std::move(msg), "NBD_CMD_RECONFIGURE " + DevicePath(index), &reply);
+  }
+
+  Status Disconnect(int index) {
+    MF_ASSIGN_OR_RETURN(NlMsg msg, NewMessage(NBD_CMD_DISCONNECT));
+    if (nla_put_u32(msg.get(), NBD_ATTR_INDEX, static_cast<uint32_t>(index)) != 0) {
+      return Status(Code::kResourceExhausted, "NBD_CMD_DISCONNECT does not fit in a netlink message");
+    }
+    Reply reply;
+    return Transact(std::move(msg), "NBD_CMD_DISCONNECT " + DevicePath(index), &reply);
+  }
+
+  // NBD_CMD_STATUS: (index, connected) of one device (index >= 0) or of all.
+  Result<std::vector<std::pair<int, bool>>> DeviceStates(int index) {
+    MF_ASSIGN_OR_RETURN(NlMsg msg, NewMessage(NBD_CMD_STATUS));
+    if (index >= 0 && nla_put_u32(msg.get(), NBD_ATTR_INDEX, static_cast<uint32_t>(index)) != 0) {
+      return Status(Code::kResourceExhausted, "NBD_CMD_STATUS does not fit in a netlink message");
+    }
+    Reply reply;
+    MF_RETURN_IF_ERROR(Transact(std::move(msg), "NBD_CMD_STATUS", &reply));
+    return std::move(reply.devices);
+  }
+
+ private:
+  Netlink(NlSock sock, int family) : sock_(std::move(sock)), family_(family) {}
+
+  Result<NlMsg> NewMessage(uint8_t command) const {
+    NlMsg msg(nlmsg_alloc());
+    if (!msg) return Status(Code::kResourceExhausted, "nlmsg_alloc failed");
+    if (genlmsg_put(msg.get(), NL_AUTO_PORT, NL_AUTO_SEQ, family_, 0, 0, command, NBD_GENL_VERSION) ==
+        nullptr) {
+      return Status(Code::kResourceExhausted, "genlmsg_put failed");
+    }
+    return msg;
+  }
+
+  // [NBD_ATTR_SOCKETS [NBD_SOCK_ITEM [NBD_SOCK_FD fd]]...]
+  static bool PutSockets(nl_msg* msg, std::span<const int> fds) {
+    nlattr* sockets = nla_nest_start(msg, NBD_ATTR_SOCKETS);
+    if (sockets == nullptr) return false;
+    for (int fd : fds) {
+      nlattr* item = nla_nest_start(msg, NBD_SOCK_ITEM);
+      if (item == nullptr || nla_put_u32(msg, NBD_SOCK_FD, static_cast<uint32_t>(fd)) != 0) return false;
+      nla_nest_end(msg, item);
+    }
+    nla_nest_end(msg, sockets);
+    return true;
+  }
+
+  // Sends msg and receives until the kernel's ACK or error; replies land in *reply.
+  Status Transact(NlMsg msg, const std::string& what, Reply* reply) {
+    NlCb cb(nl_cb_alloc(NL_CB_DEFAULT));
+    if (!cb) return Status(Code::kResourceExhausted, "nl_cb_alloc failed");
+    nl_cb_set(cb.get(), NL_CB_VALID, NL_CB_CUSTOM, OnReply, reply);
+    nl_cb_set(cb.get(), NL_CB_ACK, NL_CB_CUSTOM, OnAck, reply);
+    nl_cb_err(cb.get(), NL_CB_CUSTOM, OnError, reply);
+    if (int rc = nl_send_auto(sock_.get(), msg.get()); rc < 0) return NlError(rc, what);
+    while (!reply->acked && reply->error == 0) {
+      const int rc = nl_recvmsgs(sock_.get(), cb.get());
+      if (reply->error != 0) break;
+      if (rc < 0) return NlError(rc, what);
+    }
+    if (reply->error != 0) return Status::FromErrno(reply->error, what);
+    return Status::Ok();
+  }
+
+  NlSock sock_;
+  int family_ = 0;
+};
+
+// Socket options of the connections: large buffers let a reply of a big read go out in
+// one piece.
+constexpr int kSocketBufferBytes = 4 << 20;
+
+}  // namespace
+
+// ---- Monitor: replaces connections the kernel declared dead -------------------------------------
+
+// Listens on the "nbd" multicast group for NBD_CMD_LINK_DEAD of its device and calls
+// Device::ReplaceDeadConnections on its own thread.
+class Device::Monitor final {
+ public:
+  static Result<std::unique_ptr<Monitor>> Start(Device& device) {
+    MF_ASSIGN_OR_RETURN(Netlink netlink, Netlink::Open());
+    const int group = genl_ctrl_resolve_grp(netlink.sock(), NBD_GENL_FAMILY_NAME, NBD_GENL_MCAST_GROUP_NAME);
+    if (group < 0) return NlError(group, "resolving the nbd multicast group");
+    if (int rc = nl_socket_add_membership(netlink.sock(), group); rc < 0) {
+      return NlError(rc, "joining the nbd multicast group");
+    }
+    if (int rc = nl_socket_set_nonblocking(netlink.sock()); rc < 0)
+      return NlError(rc, "nl_socket_set_nonblocking");
+    UniqueFd wake(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (!wake.valid()) return SysError("eventfd");
+    NlCb cb(nl_cb_alloc(NL_CB_DEFAULT));
+    if (!cb) return Status(Code::kResourceExhausted, "nl_cb_alloc failed");
+    auto monitor =
+        std::unique_ptr<Monitor>(new Monitor(device, std::move(netlink), std::move(wake), std::move(cb)));
+    nl_cb_set(monitor->cb_.get(), NL_CB_VALID, NL_CB_CUSTOM, OnEvent, monitor.get());
+    // Multicast events carry no sequence number of ours.
+    nl_cb_set(
+        monitor->cb_.get(), NL_CB_SEQ_CHECK, NL_CB_CUSTOM, [](nl_msg*, void*) { return int{NL_OK}; },
+        nullptr);
+    monitor->thread_ = std::thread([m = monitor.get()] { m->Run(); });
+    return monitor;
+  }
+
+  ~Monitor() {
+    const uint64_t one = 1;
+    if (::write(wake_.get(), &one, sizeof(one)) < 0) spdlog::warn("nbd: cannot wake the monitor");
+    if (thread_.joinable()) thread_.join();
+  }
+  Monitor(const Monitor&) = delete;
+  Monitor& operator=(const Monitor&) = delete;
+
+ private:
+  Monitor(Device& device, Netlink netlink, UniqueFd wake, NlCb cb)
+      : device_(device), netlink_(std::move(netlink)), wake_(std::move(wake)), cb_(std::move(cb)) {}
+
+  static int OnEvent(nl_msg* msg, void* arg) {
+    auto* self = static_cast<Monitor*>(arg);
+    const genlmsghdr* header = genlmsg_hdr(nlmsg_hdr(msg));
+    if (header->cmd != NBD_CMD_LINK_DEAD) return NL_OK;
+    nlattr* attrs[NBD_ATTR_MAX + 1] = {};
+    if (genlmsg_parse(nlmsg_hdr(msg), 0, attrs, NBD_ATTR_MAX, nullptr) < 0 ||
+        attrs[NBD_ATTR_INDEX] == nullptr) {
+      return NL_OK;
+    }
+    if (static_cast<int>(nla_get_u32(attrs[NBD_ATTR_INDEX])) == self->device_.index_) ++self->dead_links_;
+    return NL_OK;
+  }
+
+  void Run() {
+    pollfd fds[2] = {{nl_socket_get_fd(netlink_.sock()), POLLIN, 0}, {wake_.get(), POLLIN, 0}};
+    for (;;) {
+      const int ready = ::poll(fds, 2, static_cast<int>(kMonitorTick.count()));
+      if (ready < 0 && errno != EINTR) {
+        spdlog::warn("nbd: {} monitor: poll: {}", device_.path_, std::strerror(errno));
+        return;
+      }
+      if ((fds[1].revents & POLLIN) != 0) return;
+      if ((fds[0].revents & POLLIN) == 0) continue;
+      // One datagram per call (the socket does not block; EAGAIN also returns 0): back to poll.
+      dead_links_ = 0;
+      if (int rc = nl_recvmsgs(netlink_.sock(), cb_.get()); rc < 0 && rc != -NLE_AGAIN) {
+        spdlog::warn("nbd: {} monitor: {}", device_.path_, nl_geterror(rc));
+      }
+      for (; dead_links_ > 0; --dead_links_) device_.ReplaceDeadConnections();
+    }
+  }
+
+  Device& device_;
+  Netlink netlink_;
+  UniqueFd wake_;  // an eventfd: written once to stop the thread
+  NlCb cb_;
+  int dead_links_ = 0;  // monitor thread only
+  std::thread thread_;  // last: uses everything above
+};
+
+// ---- DeviceStatus --------------------------------------------------------------------------------
+
+std::string_view DeviceInterfaceName(DeviceInterface interface) {
+  switch (interface) {
+    case DeviceInterface::kAuto: return "auto";
+    case DeviceInterface::kNetlink: return "netlink";
+    case DeviceInterface::kIoctl: return "ioctl";
+  }
+  return "?";
+}
+
+std::string DeviceStatus::Describe() const {
+  std::string text = DevicePath(index) + ": ";
+  if (!connected) return text + "free";
+  if (stale()) {
+    text += "left behind by memfabric process " + std::to_string(owner) + ", which is gone";
+  } else if (owner > 0) {
+    text += "in use by process " + std::to_string(owner) + (owner_alive ? "" : " (gone)");
+  } else {
+    text += "in use";
+  }
+  if (!backend.empty()) text += " (" + backend + ")";
+  if (size > 0) text += ", " + std::to_string(size) + " bytes";
+  return text;
+}
+
+// ---- Device: queries ------------------------------------------------------------------------------
+
+Status Device::EnsureModule() {
+  struct stat st {};
+  if (::stat(kModuleDir, &st) == 0) return Status::Ok();
+  Status loaded = RunProgram({"modprobe", "-q", "nbd"}, true);
+  if (::stat(kModuleDir, &st) == 0) return Status::Ok();
+  return Unsupported("the kernel has no NBD driver: " + std::string(kModuleDir) +
+                     " is missing and `modprobe nbd` failed (" +
+                     std::string(loaded.ok() ? "no error, but no module" : loaded.message()) +
+                     "); load the nbd module, or use a kernel built with CONFIG_BLK_DEV_NBD");
+}
+
+namespace {
+
+// Fills what sysfs knows about the device; `connected` comes from the caller.
+DeviceStatus ReadStatus(int index, bool connected) {
+  DeviceStatus s;
+  s.index = index;
+  s.connected = connected;
+  if (auto size = ReadSysfs(SysBlock(index) + "/size"))
+    s.size = ParseNumber<uint64_t>(*size).value_or(0) * kSectorSize;
+  if (auto backend = ReadSysfs(SysBlock(index) + "/backend")) s.backend = *backend;
+  if (s.backend.rfind(kBackendPrefix, 0) == 0) {
+    s.memfabric = true;
+    std::string_view rest = std::string_view(s.backend).substr(sizeof(kBackendPrefix) - 1);
+    s.owner = ParseNumber<pid_t>(rest.substr(0, rest.find(' '))).value_or(0);
+  }
+  if (s.owner == 0) {
+    if (auto pid = ReadSysfs(SysBlock(index) + "/pid")) s.owner = ParseNumber<pid_t>(*pid).value_or(0);
+  }
+  s.owner_alive = ProcessAlive(s.owner);
+  return s;
+}
+
+// Indices of every NBD device sysfs shows (/sys/block/nbdN).
+std::vector<int> SysfsDevices() {
+  std::vector<int> found;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(kSysBlock, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind("nbd", 0) != 0) continue;
+    if (auto index = ParseNumber<int>(std::string_view(name).substr(3))) found.push_back(*index);
+  }
+  std::sort(found.begin(), found.end());
+  return found;
+}
+
+// Whether the kernel holds a configuration for each device: netlink, else the pid file.
+Result<std::vector<std::pair<int, bool>>> DeviceStates(int index) {
+  Result<Netlink> netlink = Netlink::Open();
+  if (netlink.ok()) return netlink->DeviceStates(index);
+  if (netlink.status().code() != Code::kUnsupported) return netlink.status();
+  std::vector<std::pair<int, bool>> states;
+  for (int i : index >= 0 ? std::vector<int>{index} : SysfsDevices()) {
+    struct stat st {};
+    if (::stat(SysBlock(i).c_str(), &st) != 0) continue;
+    states.emplace_back(i, ::stat((SysBlock(i) + "/pid").c_str(), &st) == 0);
+  }
+  return states;
+}
+
+// Waits until the kernel released /dev/nbd<index>.
+Status WaitFree(int index, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    MF_ASSIGN_OR_RETURN(auto states, DeviceStates(index));
+    if (states.empty() || !states.front().second) return Status::Ok();
+    if (std::chrono::steady_clock::now() >= deadline) {
+      return Status(Code::kBusy,
+                    DevicePath(index) +
+                        " is disconnected but still held open (mounted, swapped on, or opened by a "
+                        "program); it becomes free once they close it");
+    }
+    std::this_thread::sleep_for(kPollInterval);
+  }
+}
+
+}  // namespace
+
+Result<DeviceStatus> Device::Query(int index) {
+  if (index < 0) return InvalidArgument("NBD device index " + std::to_string(index) + " is negative");
+  MF_RETURN_IF_ERROR(EnsureModule());
+  MF_ASSIGN_OR_RETURN(auto states, DeviceStates(index));
+  struct stat st {};
+  if (states.empty() || ::stat(SysBlock(index).c_str(), &st) != 0) {
+    return NotFound("there is no " + DevicePath(index) + " (" + SysBlock(index) + " is missing)");
+  }
+  return ReadStatus(index, states.front().second);
+}
+
+Result<std::vector<DeviceStatus>> Device::List() {
+  MF_RETURN_IF_ERROR(EnsureModule());
+  MF_ASSIGN_OR_RETURN(auto states, DeviceStates(-1));
+  std::sort(states.begin(), states.end());
+  std::vector<DeviceStatus> list;
+  for (const auto& [index, connected] : states) list.push_back(ReadStatus(index, connected));
+  return list;
+}
+
+Status Device::Reclaim(int index, bool force, std::chrono::milliseconds timeout) {
+  MF_ASSIGN_OR_RETURN(DeviceStatus status, Query(index));
+  if (!status.connected) return Status::Ok();
+  if (status.owner_alive && !force) {
+    return Status(Code::kBusy,
+                  "cannot reclaim " + status.Describe() + ": its owner is alive; stop it instead");
+  }
+  if (!status.memfabric && !force) {
+    return Status(Code::kBusy, "cannot reclaim " + status.Describe() +
+                                   ": another NBD client attached it; disconnect it with `nbd-client -d " +
+                                   DevicePath(index) + "`");
+  }
+  spdlog::warn("nbd: reclaiming {}", status.Describe());
+  Result<Netlink> netlink = Netlink::Open();
+  if (netlink.ok()) {
+    MF_RETURN_IF_ERROR(netlink->Disconnect(index));
+  } else {
+    UniqueFd fd(::open(DevicePath(index).c_str(), O_RDWR | O_CLOEXEC));
+    if (!fd.valid()) return SysError("opening " + DevicePath(index));
+    if (::ioctl(fd.get(), NBD_DISCONNECT) != 0) return SysError("NBD_DISCONNECT " + DevicePath(index));
+    (void)::ioctl(fd.get(), NBD_CLEAR_SOCK);
+  }
+  return WaitFree(index, timeout);
+}
+
+// ---- Device: attach and detach -----------------------------------------------------------------------
+
+Device::Device(std::unique_ptr<Export> owned, Export& exporter, std::string export_name,
+               const DeviceOptions& options)
+    : owned_export_(std::move(owned)),
+      export_(exporter),
+      export_name_(std::move(export_name)),
+      options_(options) {}
+
+Result<std::unique_ptr<Device>> Device::Attach(Export& exporter, std::string_view export_name,
+                                               const DeviceOptions& options) {
+  MF_ASSIGN_OR_RETURN(ExportInfo info, exporter.Info(export_name));
+  std::unique_ptr<Device> device(new Device(nullptr, exporter, std::string(export_name), options));
+  MF_RETURN_IF_ERROR(device->Start(info.size, info.flags));
+  return device;
+}
+
+Result<std::unique_ptr<Device>> Device::Attach(fabric::Remote& remote, const DeviceOptions& options,
+                                               const ExportOptions& export_options) {
+  auto exporter = std::make_unique<Export>(export_options);
+  MF_RETURN_IF_ERROR(exporter->Add({remote.info().name, "", &remote, false}));
+  MF_ASSIGN_OR_RETURN(ExportInfo info, exporter->Info(remote.info().name));
+  Export& ref = *exporter;
+  std::unique_ptr<Device> device(new Device(std::move(exporter), ref, remote.info().name, options));
+  MF_RETURN_IF_ERROR(device->Start(info.size, info.flags));
+  return device;
+}
+
+Device::~Device() {
+  Status detached = Detach();
+  if (!detached.ok()) spdlog::warn("nbd: detaching {}: {}", path_, detached.ToString());
+}
+
+Result<UniqueFd> Device::NewConnection() {
+  int pair[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) return SysError("socketpair");
+  UniqueFd ours(pair[0]);
+  UniqueFd kernel(pair[1]);
+  for (int fd : pair) {
+    (void)::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &kSocketBufferBytes, sizeof(kSocketBufferBytes));
+    (void)::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &kSocketBufferBytes, sizeof(kSocketBufferBytes));
+  }
+  MF_RETURN_IF_ERROR(export_.ServeTransmission(std::move(ours), export_name_));
+  return kernel;
+}
+
+Status Device::Start(uint64_t size, uint16_t flags) {
+  const DeviceOptions& o = options_;
+  if (o.connections < 1 || o.connections > kMaxDeviceConnections) {
+    return InvalidArgument("connections must be 1 to " + std::to_string(kMaxDeviceConnections));
+  }
+  if (o.index < -1) return InvalidArgument("device index " + std::to_string(o.index) + " is negative");
+  if (o.io_timeout.count() < 0 || o.dead_connection_timeout.count() < 0) {
+    return InvalidArgument("NBD timeouts cannot be negative");
+  }
+  if (size == 0 || size % kDeviceBlockSize != 0) {
+    return InvalidArgument("export '" + export_name_ + "' has " + std::to_string(size) +
+                           " bytes; a block device needs a positive multiple of " +
+                           std::to_string(kDeviceBlockSize));
+  }
+  MF_RETURN_IF_ERROR(EnsureModule());
+  size_ = size;
+
+  if (o.index >= 0) {
+    Result<DeviceStatus> status = Query(o.index);
+    if (status.ok() && status->connected) {
+      if (status->stale() && o.reclaim) {
+        MF_RETURN_IF_ERROR(Reclaim(o.index, false, o.detach_timeout));
+      } else if (status->stale()) {
+        return Status(Code::kBusy, status->Describe() + "; reclaim it (--reclaim) or pick another device");
+      } else {
+        return Status(Code::kBusy, status->Describe() + "; pick another device, or none to get a free one");
+      }
+    } else if (!status.ok() && status.status().code() != Code::kNotFound) {
+      return status.status();
+    }
+  }
+
+  Result<Netlink> netlink = o.interface == DeviceInterface::kIoctl
+                                ? Result<Netlink>(Unsupported("ioctl asked for"))
+                                : Netlink::Open();
+  if (!netlink.ok()) {
+    if (o.interface == DeviceInterface::kNetlink || netlink.status().code() != Code::kUnsupported) {
+      return netlink.status();
+    }
+    if (o.interface == DeviceInterface::kAuto) {
+      spdlog::info("nbd: {}; using the ioctl interface", netlink.status().message());
+    }
+  }
+
+  std::vector<UniqueFd> kernel_ends;
+  for (int i = 0; i < o.connections; ++i) {
+    MF_ASSIGN_OR_RETURN(UniqueFd end, NewConnection());
+    kernel_ends.push_back(std::move(end));
+  }
+  // Closing kernel_ends on failure ends the Export's connections too.
+  if (!netlink.ok()) {
+    interface_ = DeviceInterface::kIoctl;
+    MF_RETURN_IF_ERROR(StartIoctl(size, flags, std::move(kernel_ends)));
+  } else {
+    interface_ = DeviceInterface::kNetlink;
+    ConnectRequest c;
+    c.index = o.index;
+    c.size = size;
+    c.server_flags = flags;
+    c.io_timeout_s = static_cast<uint64_t>(o.io_timeout.count());
+    c.dead_timeout_s = static_cast<uint64_t>(o.dead_connection_timeout.count());
+    backend_ = kBackendPrefix + std::to_string(::getpid()) + " export=" + export_name_;
+    c.backend = backend_;
+    for (const UniqueFd& fd : kernel_ends) c.fds.push_back(fd.get());
+    Result<int> index = netlink->Connect(c);
+    if (!index.ok()) {
+      const Status& s = index.status();
+      if (s.code() == Code::kPermissionDenied)
+        return s.WithContext("attaching an NBD device needs root (CAP_SYS_ADMIN)");
+      if (s.code() == Code::kBusy) return s.WithContext(DevicePath(o.index) + " is in use");
+      return s;
+    }
+    index_ = *index;
+    // The kernel holds its own references to its ends: ours close when kernel_ends goes.
+  }
+  path_ = DevicePath(index_);
+  {
+    MutexLock lock(mu_);
+    attached_ = true;
+  }
+  if (Status ready = WaitReady(); !ready.ok()) {
+    (void)Detach();
+    return ready;
+  }
+  if (interface_ == DeviceInterface::kNetlink) {
+    auto monitor = Monitor::Start(*this);
+    if (monitor.ok()) {
+      monitor_ = std::move(monitor).value();
+    } else {
+      spdlog::warn("nbd: {}: dead connections will not be replaced: {}", path_, monitor.status().ToString());
+    }
+  }
+  spdlog::info("nbd: {} attached to export '{}' ({} bytes, {} connections, {})", path_, export_name_, size,
+               o.connections, DeviceInterfaceName(interface_));
+  return Status::Ok();
+}
+
+namespace {
+
+// Configures /dev/nbdX (open as fd) with the legacy ioctls. The first NBD_SET_SOCK claims
+// the device for the calling thread (EBUSY when another task did); NBD_DO_IT must follow
+// on the same thread.
+Status ConfigureIoctl(int fd, const std::string& path, uint64_t size, uint16_t flags, unsigned long timeout_s,
+                      const std::vector<UniqueFd>& kernel_ends) {
+  auto set = [&](unsigned long request, unsigned long value, const char* name) -> Status {
+    if (::ioctl(fd, request, value) == 0) return Status::Ok();
+    return SysError(std::string(name) + " " + path);
+  };
+  for (const UniqueFd& end : kernel_ends) {
+    MF_RETURN_IF_ERROR(set(NBD_SET_SOCK, static_cast<unsigned long>(end.get()), "NBD_SET_SOCK"));
+  }
+  MF_RETURN_IF_ERROR(set(NBD_SET_BLKSIZE, kDeviceBlockSize, "NBD_SET_BLKSIZE"));
+  MF_RETURN_IF_ERROR(set(NBD_SET_SIZE, size, "NBD_SET_SIZE"));
+  MF_RETURN_IF_ERROR(set(NBD_SET_TIMEOUT, timeout_s, "NBD_SET_TIMEOUT"));
+  return set(NBD_SET_FLAGS, flags, "NBD_SET_FLAGS");
+}
+
+}  // namespace
+
+Status Device::StartIoctl(uint64_t size, uint16_t flags, std::vector<UniqueFd> kernel_ends) {
+  std::vector<int> candidates;
+  if (options_.index >= 0) {
+    candidates.push_back(options_.index);
+  } else {
+    MF_ASSIGN_OR_RETURN(auto states, DeviceStates(-1));
+    std::sort(states.begin(), states.end());
+    for (const auto& [index, connected] : states) {
+      if (!connected) candidates.push_back(index);
+    }
+  }
+  const auto timeout_s = static_cast<unsigned long>(options_.io_timeout.count());
+  Status last = Status(Code::kBusy, "every NBD device is in use");
+  for (int index : candidates) {
+    const std::string path = DevicePath(index);
+    UniqueFd fd(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+    if (!fd.valid()) {
+      last = SysError("opening " + path);
+      continue;
+    }
+    // One thread configures the device and then sits in NBD_DO_IT until it is
+    // disconnected; it reports the configuration's outcome first.
+    std::promise<Status> configured;
+    std::future<Status> outcome = configured.get_future();
+    const int dev = fd.get();
+    std::thread thread(
+        [dev, path, size, flags, timeout_s, &kernel_ends, configured = std::move(configured)]() mutable {
+          Status s = ConfigureIoctl(dev, path, size, flags, timeout_s, kernel_ends);
+          const bool ok = s.ok();
+          if (!ok) (void)::ioctl(dev, NBD_CLEAR_SOCK);
+          configured.set_value(std::move(s));
+          if (!ok) return;
+          if (::ioctl(dev, NBD_DO_IT) != 0 && errno != EINTR) {
+            spdlog::info("nbd: {}: NBD_DO_IT ended: {}", path, std::strerror(errno));
+          }
+          (void)::ioctl(dev, NBD_CLEAR_QUE);
+          (void)::ioctl(dev, NBD_CLEAR_SOCK);
+        });
+    Status result = outcome.get();
+    if (!result.ok()) {
+      thread.join();
+      last = std::move(result);
+      if (last.code() == Code::kBusy && options_.index < 0) continue;
+      return last;
+    }
+    index_ = index;
+    ioctl_fd_ = std::move(fd);
+    do_it_ = std::move(thread);
+    return Status::Ok();  // kernel_ends close: the kernel holds its own references
+  }
+  return last;
+}
+
+Status Device::WaitReady() {
+  const auto deadline = std::chrono::steady_clock::now() + options_.ready_timeout;
+  for (;;) {
+    struct stat st {};
+    const bool node = ::stat(path_.c_str(), &st) == 0 && S_ISBLK(st.st_mode);
+    const auto sectors = ReadSysfs(SysBlock(index_) + "/size");
+    if (node && sectors && ParseNumber<uint64_t>(*sectors).value_or(0) * kSectorSize == size_)
+      return Status::Ok();
+    if (std::chrono::steady_clock::now() >= deadline) {
+      return Status(Code::kTimeout, path_ + " did not come up with " + std::to_string(size_) + " bytes in " +
+                                        std::to_string(options_.ready_timeout.count()) + " ms");
+    }
+    std::this_thread::sleep_for(kPollInterval);
+  }
+}
+
+void Device::ReplaceDeadConnections() {
+  {
+    MutexLock lock(mu_);
+    if (!attached_) return;
+  }
+  Result<UniqueFd> end = NewConnection();
+  Status replaced = end.ok() ? Status::Ok() : end.status();
+  if (replaced.ok()) {
+    Result<Netlink> netlink = Netlink::Open();
+    const int fd = end->get();
+    replaced = netlink.ok() ? netlink->Reconfigure(index_, backend_, std::span(&fd, 1)) : netlink.status();
+  }
+  if (replaced.ok()) {
+    reconnects_.fetch_add(1);
+    spdlog::warn("nbd: {}: the kernel dropped a connection; replaced it", path_);
+  } else {
+    spdlog::warn("nbd: {}: the kernel dropped a connection; cannot replace it: {}", path_,
+                 replaced.ToString());
+  }
+}
+
+Status Device::Detach() {
+  {
+    MutexLock lock(mu_);
+    if (!attached_) return Status::Ok();
+    attached_ = false;
+  }
+  monitor_.reset();  // no more reconnects
+  Status disconnected = Status::Ok();
+  if (interface_ == DeviceInterface::kNetlink) {
+    Result<Netlink> netlink = Netlink::Open();
+    disconnected = netlink.ok() ? netlink->Disconnect(index_) : netlink.status();
+  } else {
+    if (::ioctl(ioctl_fd_.get(), NBD_DISCONNECT) == 0) {
+      do_it_.join();  // NBD_DO_IT returns once the device is down
+      ioctl_fd_.Reset();
+    } else {
+      // The thread may stay in NBD_DO_IT: leave it and its descriptor alone.
+      disconnected = SysError("NBD_DISCONNECT " + path_);
+      do_it_.detach();
+      (void)ioctl_fd_.Release();
+    }
+  }
+  MF_RETURN_IF_ERROR(disconnected);
+  MF_RETURN_IF_ERROR(WaitFree(index_, options_.detach_timeout));
+  spdlog::info("nbd: {} detached", path_);
+  return Status::Ok();
+}
+
+}  // namespace mf::nbd
