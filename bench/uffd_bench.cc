@@ -3,7 +3,10 @@
 // each chunk straight from memory with UFFDIO_COPY. Both scan the same size in the same
 // page order (sequential or random) at each chunk size; the table prints the ratios.
 //
-//   uffd_bench [--size 1G] [--chunks 4K,64K,2M] [--connections 4]
+//   uffd_bench [--size 1G] [--chunks 4K,64K,2M] [--connections 4] [--schemes tcp,rdma]
+//              [--host ADDR]
+// With several schemes (rdma needs an RDMA device: run it in the test VM, see
+// bench/compare_uffd_rdma.sh) each gets its table, then a table of their ratios.
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <sys/eventfd.h>
@@ -14,6 +17,9 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <map>
+#include <memory>
+#include <tuple>
 #include <numeric>
 #include <random>
 #include <thread>
@@ -21,6 +27,8 @@
 #include "fabric/log.h"
 #include "fabric/server.h"
 #include "transports/connect.h"
+#include "transports/open_table.h"
+#include "transports/rdma/rdma_server.h"
 #include "transports/tcp/tcp_server.h"
 #include "uffd/mapping.h"
 #include "uffd/userfaultfd.h"
@@ -95,10 +103,14 @@ Result<double> MappingScan(fabric::Remote& remote, const fabric::Region& region,
 }
 
 int Run(int argc, char** argv) {
-  CLI::App app{"First-touch scan through uffd::Mapping over TCP vs a raw local userfaultfd handler"};
+  CLI::App app{"First-touch scan through uffd::Mapping over TCP/RDMA vs a raw local userfaultfd handler"};
   std::string size_text = "1G";
   std::vector<std::string> chunk_texts = {"4K", "64K", "2M"};
   int connections = 4;
+  std::vector<std::string> scheme_texts = {"tcp"};
+  std::string host = "127.0.0.1";
+  app.add_option("--schemes", scheme_texts, "data planes to map over: tcp, rdma")->delimiter(',');
+  app.add_option("--host", host, "address to serve on (an RDMA interface's for rdma)");
   app.add_option("--size", size_text, "bytes to scan (K/M/G)");
   app.add_option("--chunks", chunk_texts, "chunk sizes")->delimiter(',');
   app.add_option("--connections", connections, "TCP data connections");
@@ -124,26 +136,51 @@ int Run(int argc, char** argv) {
     std::memcpy(region.data() + i, &v, 8);
   }
   tcp::ListenOptions listen;
+  listen.host = host;
   listen.port = 0;
+  listen.opens = std::make_shared<transports::OpenTable>();
+  std::unique_ptr<rdma::RdmaServer> rdma_server;
+  if (std::find(scheme_texts.begin(), scheme_texts.end(), "rdma") != scheme_texts.end()) {
+    auto started = rdma::RdmaServer::Start(listen.opens, {host, 0});
+    if (!started.ok()) {
+      std::fprintf(stderr, "uffd_bench: rdma: %s\n", started.status().ToString().c_str());
+      return 1;
+    }
+    rdma_server = std::move(started).value();
+    listen.rdma_port = rdma_server->port();
+  }
   auto tcp_server = tcp::TcpServer::Start(server, listen);
   if (!tcp_server.ok()) {
     std::fprintf(stderr, "uffd_bench: %s\n", tcp_server.status().ToString().c_str());
     return 1;
   }
-  fabric::Url url{fabric::Scheme::kTcp, "127.0.0.1", (*tcp_server)->port(), ""};
-  transports::ClientOptions copts;
-  copts.secret = fabric::Secret("uffd-bench-secret-0123456789");
-  auto client = transports::Connect(url, copts);
-  if (!client.ok()) {
-    std::fprintf(stderr, "uffd_bench: %s\n", client.status().ToString().c_str());
-    return 1;
-  }
-  fabric::OpenOptions oopts;
-  oopts.connections = connections;
-  auto remote = (*client)->Open("bench", oopts);
-  if (!remote.ok()) {
-    std::fprintf(stderr, "uffd_bench: %s\n", remote.status().ToString().c_str());
-    return 1;
+  struct Plane {
+    std::string name;
+    std::unique_ptr<fabric::Client> client;
+    std::unique_ptr<fabric::Remote> remote;
+  };
+  std::vector<Plane> planes;
+  for (const std::string& scheme_text : scheme_texts) {
+    auto url = fabric::ParseUrl(scheme_text + "://" + host + ":" + std::to_string((*tcp_server)->port()));
+    if (!url.ok()) {
+      std::fprintf(stderr, "uffd_bench: --schemes %s: %s\n", scheme_text.c_str(), url.status().ToString().c_str());
+      return 2;
+    }
+    transports::ClientOptions copts;
+    copts.secret = fabric::Secret("uffd-bench-secret-0123456789");
+    auto client = transports::Connect(*url, copts);
+    if (!client.ok()) {
+      std::fprintf(stderr, "uffd_bench: %s\n", client.status().ToString().c_str());
+      return 1;
+    }
+    fabric::OpenOptions oopts;
+    oopts.connections = connections;
+    auto remote = (*client)->Open("bench", oopts);
+    if (!remote.ok()) {
+      std::fprintf(stderr, "uffd_bench: %s\n", remote.status().ToString().c_str());
+      return 1;
+    }
+    planes.push_back({scheme_text, std::move(client).value(), std::move(remote).value()});
   }
 
   const auto pages = static_cast<uint32_t>(*size / kPageSize);
@@ -153,37 +190,57 @@ int Run(int argc, char** argv) {
   std::shuffle(random.begin(), random.end(), std::mt19937(1));
   const double mb = static_cast<double>(*size) / 1e6;
 
-  std::printf(
-      "first-touch scan of %s, uffd Mapping over TCP loopback (%d connections) vs raw local uffd handler\n",
-      fabric::FormatSize(*size).c_str(), connections);
-  std::printf("%-6s %-6s %12s %14s %7s %16s %7s %12s\n", "chunk", "order", "raw MB/s", "mapping MB/s",
-              "ratio", "+prefetch MB/s", "ratio", "vs raw 4K");
-  double raw4k_seq = 0;
-  for (const std::string& ct : chunk_texts) {
-    auto chunk = fabric::ParseSize(ct);
-    if (!chunk.ok()) {
-      std::fprintf(stderr, "uffd_bench: %s\n", chunk.status().ToString().c_str());
-      return 2;
-    }
-    for (const auto* order : {&sequential, &random}) {
-      const char* name = order == &sequential ? "seq" : "random";
-      auto raw = RawScan(region.data(), *size, *chunk, *order);
-      auto plain = MappingScan(**remote, region, *chunk, false, *order);
-      auto pre = MappingScan(**remote, region, *chunk, true, *order);
-      if (!raw.ok() || !plain.ok() || !pre.ok()) {
-        std::fprintf(stderr, "uffd_bench: %s\n",
-                     (!raw.ok()     ? raw.status()
-                      : !plain.ok() ? plain.status()
-                                    : pre.status())
-                         .ToString()
-                         .c_str());
-        return 1;
+  // mapping MB/s without and with prefetch, per plane, chunk and order
+  std::map<std::tuple<std::string, std::string, std::string>, std::pair<double, double>> results;
+  for (Plane& plane : planes) {
+    std::printf("first-touch scan of %s, uffd Mapping over %s (%s, %d connections) vs raw local uffd handler\n",
+                fabric::FormatSize(*size).c_str(), std::string(plane.remote->transport()).c_str(), host.c_str(),
+                connections);
+    std::printf("%-6s %-6s %12s %14s %7s %16s %7s %12s\n", "chunk", "order", "raw MB/s", "mapping MB/s",
+                "ratio", "+prefetch MB/s", "ratio", "vs raw 4K");
+    double raw4k_seq = 0;
+    for (const std::string& ct : chunk_texts) {
+      auto chunk = fabric::ParseSize(ct);
+      if (!chunk.ok()) {
+        std::fprintf(stderr, "uffd_bench: %s\n", chunk.status().ToString().c_str());
+        return 2;
       }
-      if (*chunk == 4096 && order == &sequential) raw4k_seq = mb / *raw;
-      const double r = mb / *raw, p = mb / *plain, f = mb / *pre;
-      std::printf("%-6s %-6s %12.0f %14.0f %6.2fx %16.0f %6.2fx %11.2fx\n", ct.c_str(), name, r, p, p / r, f,
-                  f / r, raw4k_seq > 0 ? f / raw4k_seq : 0.0);
-      std::fflush(stdout);
+      for (const auto* order : {&sequential, &random}) {
+        const char* name = order == &sequential ? "seq" : "random";
+        auto raw = RawScan(region.data(), *size, *chunk, *order);
+        auto plain = MappingScan(*plane.remote, region, *chunk, false, *order);
+        auto pre = MappingScan(*plane.remote, region, *chunk, true, *order);
+        if (!raw.ok() || !plain.ok() || !pre.ok()) {
+          std::fprintf(stderr, "uffd_bench: %s\n",
+                       (!raw.ok()     ? raw.status()
+                        : !plain.ok() ? plain.status()
+                                      : pre.status())
+                           .ToString()
+                           .c_str());
+          return 1;
+        }
+        if (*chunk == 4096 && order == &sequential) raw4k_seq = mb / *raw;
+        const double r = mb / *raw, p = mb / *plain, f = mb / *pre;
+        results[{plane.name, ct, name}] = {p, f};
+        std::printf("%-6s %-6s %12.0f %14.0f %6.2fx %16.0f %6.2fx %11.2fx\n", ct.c_str(), name, r, p, p / r, f,
+                    f / r, raw4k_seq > 0 ? f / raw4k_seq : 0.0);
+        std::fflush(stdout);
+      }
+    }
+  }
+  if (planes.size() == 2) {
+    const std::string& a = planes[1].name;
+    const std::string& b = planes[0].name;
+    std::printf("\nmapping over %s vs over %s (same boot, same region)\n", a.c_str(), b.c_str());
+    std::printf("%-6s %-6s %14s %14s %7s %16s %16s %7s\n", "chunk", "order", (a + " MB/s").c_str(),
+                (b + " MB/s").c_str(), "ratio", (a + "+pf MB/s").c_str(), (b + "+pf MB/s").c_str(), "ratio");
+    for (const std::string& ct : chunk_texts) {
+      for (const char* name : {"seq", "random"}) {
+        auto [pa, fa] = results[{a, ct, name}];
+        auto [pb, fb] = results[{b, ct, name}];
+        std::printf("%-6s %-6s %14.0f %14.0f %6.2fx %16.0f %16.0f %6.2fx\n", ct.c_str(), name, pa, pb, pa / pb, fa,
+                    fb, fa / fb);
+      }
     }
   }
   return 0;
