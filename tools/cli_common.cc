@@ -52,6 +52,12 @@ void AddClientFlags(CLI::App& sub, ClientFlags& flags) {
   sub.add_option("--tls-server-name", flags.tls_server_name,
                  "tls://: name expected in the server's certificate (default: the URL's host)")
       ->group("TLS");
+  sub.add_option("--rdma-poll", flags.rdma_poll,
+                 "rdma://: how the completion thread waits: hybrid (spin 50 us after the last completion, "
+                 "then sleep), busy (spin always: lowest latency, a core), event (always sleep: least CPU)")
+      ->check(CLI::IsMember({"hybrid", "busy", "event"}))
+      ->capture_default_str()
+      ->group("RDMA");
   AddLogLevelFlag(sub, flags.log_level);
 }
 
@@ -90,6 +96,9 @@ Result<transports::ClientOptions> MakeClientOptions(const fabric::Url& url, cons
   options.tls.cert_file = flags.tls_cert;
   options.tls.key_file = flags.tls_key;
   options.tls.server_name = flags.tls_server_name;
+  options.rdma.poll_mode = flags.rdma_poll == "busy"    ? transports::PollMode::kBusy
+                           : flags.rdma_poll == "event" ? transports::PollMode::kEvent
+                                                        : transports::PollMode::kHybrid;
   if (flags.insecure) {
     if (!flags.secret_file.empty()) {
       return InvalidArgument("--insecure and --secret-file contradict each other; pass one of them");

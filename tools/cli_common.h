@@ -52,6 +52,7 @@ struct ClientFlags {
   std::string tls_key;
   std::string tls_server_name;
   std::string log_level = "warn";
+  std::string rdma_poll = "hybrid";  // rdma:// and auto://: how completions are awaited
 };
 void AddClientFlags(CLI::App& sub, ClientFlags& flags);
 
