@@ -35,14 +35,18 @@ class Mount::Done final : public IoCallback {
 };
 
 Mount::Mount(Remote& remote, MountOptions options)
-    : remote_(remote),
+    : remote_(&remote),
       options_(std::move(options)),
       size_(remote.size()),
       chunk_size_(options_.chunk_size),
       read_only_(options_.read_only || !remote.writable()),
       chunks_((remote.size() + options_.chunk_size - 1) / options_.chunk_size),
-      attempts_(new std::atomic<uint32_t>[chunks_.size()]) {
-  for (uint64_t i = 0; i < chunks_.size(); ++i) attempts_[i].store(0, std::memory_order_relaxed);
+      attempts_(new std::atomic<uint32_t>[chunks_.size()]),
+      written_(new std::atomic<bool>[chunks_.size()]) {
+  for (uint64_t i = 0; i < chunks_.size(); ++i) {
+    attempts_[i].store(0, std::memory_order_relaxed);
+    written_[i].store(false, std::memory_order_relaxed);
+  }
 }
 
 Result<std::unique_ptr<Mount>> Mount::Create(Remote& remote, MountOptions options) {
@@ -78,7 +82,7 @@ Status Mount::Init() {
 
   const size_t background_slots = options_.background_pull ? options_.background_depth : 0;
   pull_slot_count_ = options_.demand_depth + background_slots;
-  MF_ASSIGN_OR_RETURN(pull_buffer_, remote_.AllocateBuffer(pull_slot_count_ * chunk_size_));
+  MF_ASSIGN_OR_RETURN(pull_buffer_, remote().AllocateBuffer(pull_slot_count_ * chunk_size_));
   pull_slots_ = std::make_unique<Slot[]>(pull_slot_count_);
   pull_done_ = std::make_unique<Done>(this, IoKind::kRead);
   push_done_ = std::make_unique<Done>(this, IoKind::kWrite);
@@ -88,7 +92,7 @@ Status Mount::Init() {
     for (size_t i = options_.demand_depth; i < pull_slot_count_; ++i) free_background_slots_.push_back(i);
   }
   if (!read_only_) {
-    MF_ASSIGN_OR_RETURN(push_buffer_, remote_.AllocateBuffer(options_.push_depth * chunk_size_));
+    MF_ASSIGN_OR_RETURN(push_buffer_, remote().AllocateBuffer(options_.push_depth * chunk_size_));
     push_slots_ = std::make_unique<Slot[]>(options_.push_depth);
     MutexLock lock(push_mu_);
     for (size_t i = 0; i < options_.push_depth; ++i) free_push_slots_.push_back(i);
@@ -96,7 +100,7 @@ Status Mount::Init() {
 
   if (options_.background_pull) pull_thread_ = std::thread([this] { PullLoop(); });
   if (!read_only_ && options_.push_interval.count() > 0) push_thread_ = std::thread([this] { PushLoop(); });
-  spdlog::debug("mount of '{}' over {}: {} bytes, chunk {}, {}{}", remote_.info().name, remote_.transport(),
+  spdlog::debug("mount of '{}' over {}: {} bytes, chunk {}, {}{}", remote().info().name, remote().transport(),
                 size_, chunk_size_, read_only_ ? "read-only" : "read-write",
                 options_.path.empty() ? "" : ", local copy in " + options_.path);
   return Status::Ok();
@@ -121,7 +125,7 @@ bool Mount::TryStartDemandPull(uint64_t chunk) {
   size_t slot = 0;
   {
     MutexLock lock(mu_);
-    if (free_demand_slots_.empty()) return false;
+    if (free_demand_slots_.empty() || detached_.load(std::memory_order_acquire)) return false;
     slot = free_demand_slots_.back();
     free_demand_slots_.pop_back();
   }
@@ -149,7 +153,7 @@ Status Mount::WaitLocal(uint64_t chunk) {
         MutexLock lock(mu_);
         return Status(pull_error_.code(),
                       "cannot pull chunk " + std::to_string(chunk) + " (offset " +
-                          std::to_string(chunk * chunk_size_) + ") of '" + remote_.info().name + "' after " +
+                          std::to_string(chunk * chunk_size_) + ") of '" + remote().info().name + "' after " +
                           std::to_string(options_.max_pull_attempts) +
                           " attempts; last failure: " + std::string(pull_error_.message()));
       }
@@ -163,7 +167,7 @@ Status Mount::WaitLocal(uint64_t chunk) {
     cv_.wait(mu_, [&]() MF_NO_THREAD_SAFETY_ANALYSIS {
       const ChunkState s = chunks_.state(chunk);
       return s == ChunkState::kLocal || s == ChunkState::kFailed ||
-             (s == ChunkState::kRemote && !free_demand_slots_.empty());
+             (s == ChunkState::kRemote && !free_demand_slots_.empty() && !detached_.load());
     });
   }
 }
@@ -194,6 +198,12 @@ void Mount::WriteLocal(uint64_t chunk, size_t at, std::span<const std::byte> in)
   std::memcpy(ChunkAddress(chunk) + at, in.data(), in.size());
   // After the copy: a push that copied the chunk before this point sees the bit again.
   chunks_.SetDirty(chunk, true);
+  MarkWritten(chunk);
+}
+
+void Mount::MarkWritten(uint64_t chunk) {
+  if (tracking_.load(std::memory_order_acquire) && !written_[chunk].exchange(true, std::memory_order_acq_rel))
+    written_count_.fetch_add(1, std::memory_order_relaxed);
 }
 
 bool Mount::TryWriteWholeChunk(uint64_t chunk, const std::byte* in) {
@@ -210,7 +220,7 @@ bool Mount::TryWriteWholeChunk(uint64_t chunk, const std::byte* in) {
 
 Status Mount::Write(uint64_t offset, std::span<const std::byte> in) {
   if (read_only_)
-    return Status(Code::kPermissionDenied, "mount of '" + remote_.info().name + "' is read-only");
+    return Status(Code::kPermissionDenied, "mount of '" + remote().info().name + "' is read-only");
   MF_RETURN_IF_ERROR(CheckOpen(offset, in.size()));
   if (in.empty()) return Status::Ok();
   const uint64_t end = offset + in.size();
@@ -252,7 +262,7 @@ Status Mount::Write(uint64_t offset, std::span<const std::byte> in) {
 
 Status Mount::MarkDirty(uint64_t offset, uint64_t length) {
   if (read_only_)
-    return Status(Code::kPermissionDenied, "mount of '" + remote_.info().name + "' is read-only");
+    return Status(Code::kPermissionDenied, "mount of '" + remote().info().name + "' is read-only");
   MF_RETURN_IF_ERROR(CheckOpen(offset, length));
   if (length == 0) return Status::Ok();
   for (uint64_t c = offset / chunk_size_; c <= (offset + length - 1) / chunk_size_; ++c) {
@@ -260,6 +270,7 @@ Status Mount::MarkDirty(uint64_t offset, uint64_t length) {
       return InvalidArgument("MarkDirty of chunk " + std::to_string(c) + ", which is not local");
     MutexLock lock(stripes_[c % kMountLockStripes]);
     chunks_.SetDirty(c, true);
+    MarkWritten(c);
   }
   return Status::Ok();
 }
@@ -316,7 +327,8 @@ void Mount::PullLoop() {
     {
       MutexLock lock(mu_);
       cv_.wait(mu_, [&]() MF_NO_THREAD_SAFETY_ANALYSIS {
-        return stopping_ || (!free_background_slots_.empty() && (!urgent_.empty() || !planned_done));
+        return stopping_ ||
+               (!detached_.load() && !free_background_slots_.empty() && (!urgent_.empty() || !planned_done));
       });
       if (stopping_) return;
       if (!urgent_.empty()) {
@@ -346,7 +358,7 @@ void Mount::PullLoop() {
 void Mount::SubmitChunk(IoKind kind, Slot& s, size_t slot, std::byte* staged, const Buffer& buffer,
                         IoCallback* done) {
   const size_t len = ChunkLength(s.chunk);
-  const size_t piece = std::min(len, remote_.max_transfer());
+  const size_t piece = std::min(len, remote().max_transfer());
   const size_t pieces = (len + piece - 1) / piece;
   s.failed.store(false, std::memory_order_relaxed);
   s.error = Status::Ok();
@@ -360,7 +372,7 @@ void Mount::SubmitChunk(IoKind kind, Slot& s, size_t slot, std::byte* staged, co
       const size_t at = i * piece;
       requests[n] = IoRequest{kind, base + at, {staged + at, std::min(piece, len - at)}, &buffer, done, slot};
     }
-    remote_.Submit({requests, n});
+    remote().Submit({requests, n});
   }
 }
 
@@ -389,12 +401,12 @@ void Mount::OnPullDone(size_t slot, const Status& piece_status) {
     (void)chunks_.FinishPull(chunk);
   } else if (attempts_[chunk].fetch_add(1, std::memory_order_relaxed) + 1 < options_.max_pull_attempts) {
     counters_.pull_retries.fetch_add(1, std::memory_order_relaxed);
-    spdlog::debug("mount of '{}': pull of chunk {} failed, retrying: {}", remote_.info().name, chunk,
+    spdlog::debug("mount of '{}': pull of chunk {} failed, retrying: {}", remote().info().name, chunk,
                   status.ToString());
     chunks_.Set(chunk, ChunkState::kRemote);
     retry = true;
   } else {
-    spdlog::error("mount of '{}': cannot pull chunk {} (offset {}): {}", remote_.info().name, chunk,
+    spdlog::error("mount of '{}': cannot pull chunk {} (offset {}): {}", remote().info().name, chunk,
                   chunk * chunk_size_, status.ToString());
   }
   {
@@ -482,9 +494,11 @@ Status Mount::Sync() {
   if (read_only_) return Status::Ok();
   if (!open_.load(std::memory_order_acquire)) return Status(Code::kAborted, "mount is closed");
   MutexLock lock(sync_mu_);
+  if (detached_.load(std::memory_order_acquire))
+    return Unavailable("sync of '" + remote().info().name + "': the mount is detached from its remote");
   Status pushed = PushDirty();
-  if (!pushed.ok()) return pushed.WithContext("sync of '" + remote_.info().name + "'");
-  return remote_.Flush();
+  if (!pushed.ok()) return pushed.WithContext("sync of '" + remote().info().name + "'");
+  return remote().Flush();
 }
 
 void Mount::PushLoop() {
@@ -494,6 +508,7 @@ void Mount::PushLoop() {
       cv_.wait_for(mu_, options_.push_interval, [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return stopping_; });
       if (stopping_) return;
     }
+    if (detached_.load(std::memory_order_acquire)) continue;
     Status s = Sync();
     if (!s.ok()) spdlog::warn("periodic {}", s.ToString());
   }
@@ -509,7 +524,7 @@ Status Mount::WaitAllLocal(std::chrono::milliseconds timeout) {
     if (counters_.failed_chunks.load() > 0) return pull_error_;
     if (cv_.wait_until(mu_, deadline) == std::cv_status::timeout) {
       if (chunks_.local_count() == chunks_.size()) return Status::Ok();
-      return Status(Code::kTimeout, "mount of '" + remote_.info().name + "' is not fully local yet");
+      return Status(Code::kTimeout, "mount of '" + remote().info().name + "' is not fully local yet");
     }
   }
 }
@@ -532,12 +547,116 @@ Status Mount::Close() {
     });
   }
   Status result;
-  if (!read_only_ && base_ != nullptr) result = Sync();
+  if (detached_.load(std::memory_order_acquire)) {
+    if (!read_only_ && chunks_.dirty_count() > 0) {
+      result = Status(Code::kAborted, "mount of '" + remote().info().name + "' closed while detached with " +
+                                          std::to_string(chunks_.dirty_count()) + " dirty chunks");
+    }
+  } else if (!read_only_ && base_ != nullptr) {
+    result = Sync();
+  }
   open_.store(false, std::memory_order_release);
   memory_.Reset();
   file_.Reset();
   base_ = nullptr;
   return result;
+}
+
+// --- Migration support -------------------------------------------------------------------
+
+void Mount::StartWriteTracking() {
+  // No push round while we look: a chunk that is dirty (or being pushed) now is not on the
+  // server yet, so a reader of the server may miss it; it counts as written too.
+  MutexLock lock(sync_mu_);
+  tracking_.store(false, std::memory_order_release);
+  for (uint64_t c = 0; c < chunks_.size(); ++c) written_[c].store(false, std::memory_order_relaxed);
+  written_count_.store(0, std::memory_order_relaxed);
+  tracking_.store(true, std::memory_order_seq_cst);
+  // After tracking is on: a write before it left its dirty bit set (pushes wait for us), a
+  // write after it marks itself.
+  for (uint64_t c = 0; c < chunks_.size(); ++c) {
+    if (chunks_.dirty(c) && !written_[c].exchange(true, std::memory_order_acq_rel))
+      written_count_.fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
+std::vector<uint64_t> Mount::WrittenChunks() const {
+  std::vector<uint64_t> out;
+  for (uint64_t c = 0; c < chunks_.size(); ++c) {
+    if (written_[c].load(std::memory_order_acquire)) out.push_back(c);
+  }
+  return out;
+}
+
+Status Mount::Detach() {
+  if (!open_.load(std::memory_order_acquire)) return Status(Code::kAborted, "mount is closed");
+  {
+    MutexLock sync_lock(sync_mu_);  // waits for a push round in progress
+    MutexLock lock(mu_);
+    if (detached_.load()) return Status::Ok();
+    detached_.store(true, std::memory_order_release);
+  }
+  cv_.notify_all();
+  MutexLock lock(mu_);
+  cv_.wait(mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS {
+    return free_demand_slots_.size() + free_background_slots_.size() == pull_slot_count_;
+  });
+  return Status::Ok();
+}
+
+Status Mount::Attach(Remote& remote, std::span<const uint64_t> stale) {
+  if (!detached_.load(std::memory_order_acquire))
+    return InvalidArgument("Attach of a mount that is not detached");
+  if (remote.size() != size_) {
+    return InvalidArgument("Attach to a remote of " + std::to_string(remote.size()) +
+                           " bytes; the mount has " + std::to_string(size_));
+  }
+  const bool read_only = options_.read_only || !remote.writable();
+  // Buffers belong to the Remote that made them (RDMA registers them with its device).
+  const bool new_remote = &remote != remote_.load();
+  const bool new_push = !read_only && (new_remote || push_buffer_.size() == 0);
+  Buffer pull_buffer;
+  Buffer push_buffer;
+  if (new_remote) {
+    MF_ASSIGN_OR_RETURN(pull_buffer, remote.AllocateBuffer(pull_slot_count_ * chunk_size_));
+  }
+  if (new_push) {
+    MF_ASSIGN_OR_RETURN(push_buffer, remote.AllocateBuffer(options_.push_depth * chunk_size_));
+  }
+  // Nothing is in flight while detached: stale chunks simply become remote again.
+  for (uint64_t c : stale) {
+    if (c >= chunks_.size()) continue;
+    if (chunks_.state(c) == ChunkState::kFailed) {
+      chunks_.Set(c, ChunkState::kRemote);
+      counters_.failed_chunks.fetch_sub(1, std::memory_order_relaxed);
+    }
+    chunks_.Drop(c);
+    chunks_.SetDirty(c, false);
+    attempts_[c].store(0, std::memory_order_relaxed);
+  }
+  {
+    MutexLock sync_lock(sync_mu_);
+    if (!read_only && !push_slots_) {
+      push_slots_ = std::make_unique<Slot[]>(options_.push_depth);
+      MutexLock lock(push_mu_);
+      for (size_t i = 0; i < options_.push_depth; ++i) free_push_slots_.push_back(i);
+    }
+    MutexLock lock(mu_);
+    if (new_remote) pull_buffer_ = std::move(pull_buffer);
+    if (new_push || new_remote) push_buffer_ = std::move(push_buffer);
+    remote_.store(&remote, std::memory_order_release);
+    read_only_.store(read_only, std::memory_order_release);
+    if (!stale.empty() && options_.background_pull) {
+      for (uint64_t c : stale) {
+        if (c < chunks_.size()) urgent_.push_back(c);
+      }
+    }
+    detached_.store(false, std::memory_order_release);
+  }
+  cv_.notify_all();
+  if (!read_only && options_.push_interval.count() > 0 && !push_thread_.joinable())
+    push_thread_ = std::thread([this] { PushLoop(); });
+  return Status::Ok();
 }
 
 MountStats Mount::stats() const {

@@ -22,10 +22,20 @@
 // copied to and from the local copy, so every transport works and the local copy may be a
 // file. Pulls and pushes allocate nothing per chunk on the success path.
 //
+// Migration support (fabric/migration.h): write tracking records every chunk written since
+// StartWriteTracking(), independently of the dirty bits that pushes clear. Detach() stops
+// all I/O on the Remote (no pull or push in flight or started until Attach) so that the
+// Remote can be closed, e.g. to release the write lease; Attach() moves the Mount onto
+// another Remote of the same region (re-opened, or opened writable), optionally marking
+// chunks stale so that they are pulled again from the new Remote. While detached, reads
+// of local chunks and writes land locally; reads of other chunks wait for Attach().
+//
 // Thread-safety: Read, Write, EnsureLocal, MarkDirty, Prioritize, Sync, WaitAllLocal,
-// stats and the state queries may be called from any thread concurrently. Reads and writes
-// of the same bytes at the same time race as they would on plain memory. Close() and the
-// destructor must not race with other calls. The Remote must outlive the Mount.
+// stats, the write-tracking calls and the state queries may be called from any thread
+// concurrently. Reads and writes of the same bytes at the same time race as they would on
+// plain memory. Detach and Attach must not race with each other; Close() and the
+// destructor must not race with other calls. The attached Remote must outlive the Mount
+// (or its Detach).
 #pragma once
 
 #include <atomic>
@@ -116,7 +126,7 @@ class Mount {
 
   uint64_t size() const { return size_; }
   size_t chunk_size() const { return chunk_size_; }
-  bool read_only() const { return read_only_; }
+  bool read_only() const { return read_only_.load(std::memory_order_acquire); }
 
   // Copies [offset, offset + out.size()) into out, pulling the chunks not local yet.
   // kOutOfRange outside the region; the pull's error for a chunk that cannot be pulled;
@@ -158,6 +168,30 @@ class Mount {
   Status Close() MF_EXCLUDES(mu_, sync_mu_, push_mu_);
   MountStats stats() const;
 
+  // --- Migration support ---------------------------------------------------------------
+  // Forgets what was recorded and records, from now on, every chunk written (Write,
+  // MarkDirty) until StopWriteTracking(). Chunks dirty at the call (written before it but
+  // not on the server yet) count as written. Waits for a push round in progress.
+  void StartWriteTracking() MF_EXCLUDES(sync_mu_);
+  void StopWriteTracking() { tracking_.store(false, std::memory_order_release); }
+  // The chunks written since StartWriteTracking(), ascending.
+  std::vector<uint64_t> WrittenChunks() const;
+  uint64_t written_count() const { return written_count_.load(std::memory_order_relaxed); }
+
+  // Stops every transfer on the Remote: waits for a push round and the pulls in flight to
+  // end; until Attach() no pull or push starts (Sync returns kUnavailable, readers of
+  // chunks that are not local wait). Afterwards the Remote may be closed. kAborted after
+  // Close(); OK when already detached.
+  Status Detach() MF_EXCLUDES(mu_, sync_mu_, push_mu_);
+  // Resumes transfers on `remote` (the same region, same size; may be the Remote it had).
+  // Chunks in `stale` become remote again (local writes to them are dropped) and are
+  // pulled anew (by the background pull, or by a reader). The mount becomes writable when
+  // `remote` holds the write lease and the options do not say read_only, read-only
+  // otherwise. kInvalidArgument when not detached or for a Remote of another size; an
+  // error when buffers cannot be allocated (the mount stays detached then).
+  Status Attach(Remote& remote, std::span<const uint64_t> stale = {}) MF_EXCLUDES(mu_, sync_mu_, push_mu_);
+  bool detached() const { return detached_.load(std::memory_order_acquire); }
+
  private:
   class Done;
   // One chunk's transfer through a staging slot, in requests of at most max_transfer().
@@ -197,14 +231,21 @@ class Mount {
   // Pushes every dirty chunk and waits for the pushes; the first error or OK.
   Status PushDirty() MF_REQUIRES(sync_mu_) MF_EXCLUDES(push_mu_);
 
-  Remote& remote_;
+  Remote& remote() const { return *remote_.load(std::memory_order_acquire); }
+  void MarkWritten(uint64_t chunk);
+
+  std::atomic<Remote*> remote_;  // changed only while detached
   const MountOptions options_;
   const uint64_t size_;
   const size_t chunk_size_;
-  const bool read_only_;
+  std::atomic<bool> read_only_;  // changed only while detached
   const Clock::time_point start_ = Clock::now();
   ChunkMap chunks_;
   std::unique_ptr<std::atomic<uint32_t>[]> attempts_;  // pull attempts per chunk
+  std::unique_ptr<std::atomic<bool>[]> written_;       // write tracking, per chunk
+  std::atomic<uint64_t> written_count_{0};
+  std::atomic<bool> tracking_{false};
+  std::atomic<bool> detached_{false};
 
   UniqueFd file_;  // the local copy's file, when options_.path is set
   MappedMemory memory_;
