@@ -5,11 +5,14 @@
 //
 // RDMA cases skip on a host without an RDMA device; inside the VM (MF_VM_ADDR set) a
 // missing device is a failure, never a skip.
+#include <fmt/format.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <thread>
 
@@ -401,6 +404,38 @@ TEST(RemoteTransportRdma, ServerEnforcesTokensAndAccess) {
   }
 }
 
+constexpr char kServeChildEnv[] = "MF_TEST_SERVE_CHILD";
+
+// The server process of ServerKilledThenRestarted: PORT:READY_FD:PATH in the environment.
+// Runs before main (a static initializer), serves until killed.
+[[noreturn]] void ServeChild(const char* spec) {
+  char path[4096] = {};
+  unsigned port = 0;
+  int ready = -1;
+  if (std::sscanf(spec, "%u:%d:%4095s", &port, &ready, path) != 3) _exit(2);
+  fabric::Server server(SecureOptions());
+  if (!server.Create({"f", 4u << 20, fabric::BackingKind::kFile, path}).ok()) _exit(3);
+  auto opens = std::make_shared<transports::OpenTable>();
+  auto r = rdma::RdmaServer::Start(opens, {Host(), static_cast<uint16_t>(port)});
+  if (!r.ok()) _exit(4);
+  tcp::ListenOptions listen;
+  listen.host = Host();
+  listen.port = static_cast<uint16_t>(port);
+  listen.opens = opens;
+  listen.rdma_port = (*r)->port();
+  auto t = tcp::TcpServer::Start(server, listen);
+  if (!t.ok()) _exit(5);
+  char c = 1;
+  if (::write(ready, &c, 1) != 1) _exit(6);
+  ::close(ready);
+  for (;;) ::pause();
+}
+
+[[maybe_unused]] const bool kIsServeChild = [] {
+  if (const char* spec = std::getenv(kServeChildEnv)) ServeChild(spec);
+  return false;
+}();
+
 // Kill the server (a child process) mid-transfer: the client reports an error within its
 // timeout; restart it on the same ports and the client reconnects by itself.
 TEST_P(RemoteTransport, ServerKilledThenRestarted) {
@@ -409,32 +444,34 @@ TEST_P(RemoteTransport, ServerKilledThenRestarted) {
   tcp::testing::TempDir dir;
   const std::string path = (dir.path() / "region").string();
   const auto port = static_cast<uint16_t>(20000 + ::getpid() % 20000);
+  // The server runs in a fresh process image (this binary, re-executed): a plain fork of
+  // this multi-threaded test could inherit a lock held by one of the client's threads.
   auto spawn = [&]() -> pid_t {
     int ready[2];
     if (::pipe(ready) != 0) return -1;
+    std::vector<std::string> env_strings;
+    for (char** e = environ; *e != nullptr; ++e) env_strings.emplace_back(*e);
+    env_strings.push_back(fmt::format("{}={}:{}:{}", kServeChildEnv, port, ready[1], path));
+    std::vector<char*> envp;
+    for (auto& e : env_strings) envp.push_back(e.data());
+    envp.push_back(nullptr);
+    char exe[] = "/proc/self/exe";
+    char* argv[] = {exe, nullptr};
     const pid_t pid = ::fork();
     if (pid == 0) {
       ::close(ready[0]);
-      fabric::Server server(SecureOptions());
-      if (!server.Create({"f", 4u << 20, fabric::BackingKind::kFile, path}).ok()) _exit(3);
-      auto opens = std::make_shared<transports::OpenTable>();
-      auto r = rdma::RdmaServer::Start(opens, {Host(), port});
-      if (!r.ok()) _exit(4);
-      tcp::ListenOptions listen;
-      listen.host = Host();
-      listen.port = port;
-      listen.opens = opens;
-      listen.rdma_port = (*r)->port();
-      auto t = tcp::TcpServer::Start(server, listen);
-      if (!t.ok()) _exit(5);
-      char c = 1;
-      if (::write(ready[1], &c, 1) != 1) _exit(6);
-      for (;;) ::pause();
+      ::execve(exe, argv, envp.data());
+      _exit(127);
     }
     ::close(ready[1]);
     char c = 0;
-    const bool ok = ::read(ready[0], &c, 1) == 1;
+    pollfd p{ready[0], POLLIN, 0};
+    const bool ok = ::poll(&p, 1, 30000) == 1 && ::read(ready[0], &c, 1) == 1;
     ::close(ready[0]);
+    if (!ok && pid > 0) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
     return ok ? pid : -1;
   };
   pid_t child = spawn();
