@@ -171,14 +171,14 @@ void RdmaServer::Impl::OnEvent(CmEvent event) {
   if (type == RDMA_CM_EVENT_CONNECT_REQUEST) {
     // Copy what is needed, then acknowledge: destroying an id waits for its events.
     std::array<std::byte, 256> data{};
-    const auto& conn = event->param.conn;
-    const size_t n = std::min<size_t>(conn.private_data_len, data.size());
-    if (conn.private_data != nullptr) std::memcpy(data.data(), conn.private_data, n);
+    const rdma_conn_param& conn = event->param.conn;
+    const size_t n = conn.private_data != nullptr ? std::min<size_t>(conn.private_data_len, data.size()) : 0;
+    if (n > 0) std::memcpy(data.data(), conn.private_data, n);
     // rdma_cm reports the request from this side's view: the client's initiator depth
     // (the RDMA READs it keeps in flight) arrives as responder_resources.
     const uint8_t initiator_depth = conn.responder_resources;
-    event.reset();
-    OnConnectRequest(id, std::span(data).first(conn.private_data != nullptr ? n : 0), initiator_depth);
+    event.reset();  // `conn` is gone from here on
+    OnConnectRequest(id, std::span(data).first(n), initiator_depth);
     return;
   }
   event.reset();
