@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 
 #include <cstring>
+#include <functional>
 #include <random>
 #include <thread>
 
@@ -160,14 +161,15 @@ INSTANTIATE_TEST_SUITE_P(Chunks, UffdOverTcp, ::testing::Values(4u << 10, 64u <<
 // Plain fork()s rather than a gtest death test: its threadsafe style re-runs the test body
 // in the child, which would start a second server.
 TEST(UffdOverTcpDeathTest, DeadServerGivesSigbus) {
-  int ports[2], ready[2], go[2];
+  // Each pipe's write end stays open only in the process that writes it, so a child that
+  // dies early shows up as end-of-file here instead of a read that never returns.
+  int ports[2];
   ASSERT_EQ(::pipe(ports), 0);
-  ASSERT_EQ(::pipe(ready), 0);
-  ASSERT_EQ(::pipe(go), 0);
   pid_t server_pid = ::fork();
   ASSERT_GE(server_pid, 0);
   if (server_pid == 0) {
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the test
+    ::close(ports[0]);
     auto s = TestServer::Start();
     if (s == nullptr || !s->server->Create({"r", 4u << 20, fabric::BackingKind::kAnonymous, ""}).ok())
       _exit(1);
@@ -175,23 +177,46 @@ TEST(UffdOverTcpDeathTest, DeadServerGivesSigbus) {
     (void)!::write(ports[1], &port, sizeof(port));
     for (;;) ::pause();
   }
+  ::close(ports[1]);
+  pid_t client_pid = -1;
+  auto reap = [&] {  // on an early return too: no child outlives the test
+    for (pid_t pid : {client_pid, server_pid}) {
+      if (pid > 0 && ::kill(pid, SIGKILL) == 0) (void)::waitpid(pid, nullptr, 0);
+    }
+  };
+  struct Reaper {
+    std::function<void()> run;
+    ~Reaper() { run(); }
+  } reaper{reap};
   uint16_t port = 0;
-  ASSERT_EQ(::read(ports[0], &port, sizeof(port)), static_cast<ssize_t>(sizeof(port)));
-  pid_t client_pid = ::fork();
+  ASSERT_EQ(::read(ports[0], &port, sizeof(port)), static_cast<ssize_t>(sizeof(port)))
+      << "the server child failed to start";
+  ::close(ports[0]);
+
+  int ready[2], go[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(go), 0);
+  client_pid = ::fork();
   ASSERT_GE(client_pid, 0);
   if (client_pid == 0) {
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    ::close(ready[0]);
+    ::close(go[1]);
     TouchAfterServerDies(port, ready[1], go[0]);
   }
+  ::close(ready[1]);
+  ::close(go[0]);
   char byte = 0;
   ASSERT_EQ(::read(ready[0], &byte, 1), 1) << "the client failed before the server was killed";
   ASSERT_EQ(::kill(server_pid, SIGKILL), 0);
   int server_status = 0;
   ASSERT_EQ(::waitpid(server_pid, &server_status, 0), server_pid);
+  server_pid = -1;
   const auto killed_at = std::chrono::steady_clock::now();
   ASSERT_EQ(::write(go[1], &byte, 1), 1);
   int status = 0;
   ASSERT_EQ(::waitpid(client_pid, &status, 0), client_pid);
+  client_pid = -1;
   EXPECT_LT(std::chrono::steady_clock::now() - killed_at, std::chrono::seconds(5));
   // Exit codes 10..14 are the client's own failures, never ASan's report of SIGBUS.
   const bool own_failure = WIFEXITED(status) && WEXITSTATUS(status) >= 10;
@@ -199,7 +224,8 @@ TEST(UffdOverTcpDeathTest, DeadServerGivesSigbus) {
       << "client "
       << (WIFEXITED(status) ? "exited with " + std::to_string(WEXITSTATUS(status))
                             : "died of signal " + std::to_string(WTERMSIG(status)));
-  for (int fd : {ports[0], ports[1], ready[0], ready[1], go[0], go[1]}) ::close(fd);
+  ::close(ready[0]);
+  ::close(go[1]);
 }
 
 }  // namespace
