@@ -23,6 +23,7 @@
 namespace mf::nbd {
 namespace {
 
+constexpr size_t kMaxInlineReply = 64u << 10;      // larger READ replies are sent by the writer
 constexpr size_t kSubmitBatch = 16;                // IoRequests handed to Submit at once
 constexpr size_t kZeroBufferSize = 1u << 20;       // source of TRIM / WRITE_ZEROES writes
 constexpr size_t kMaxOptionDrain = 1u << 20;       // larger option data: hard disconnect
@@ -198,6 +199,11 @@ class Export::Connection final : public fabric::IoCallback {
   void SubmitSplit(uint32_t index, fabric::IoKind kind, uint64_t offset, uint64_t length, bool zeroes);
   void FailOrFinish(uint32_t index, uint32_t error, const char* message);
   void WriterLoop() MF_EXCLUDES(mu_);
+  // Sends the replies of `batch` (completed slots) in one sendmsg, after one Flush when a
+  // FLUSH or FUA asks for it, and frees the slots. Reader or writer thread.
+  void SendReplies(std::span<const uint32_t> batch, std::span<iovec> iov) MF_EXCLUDES(mu_, send_mu_);
+  // Reader thread, before it blocks: sends the replies of requests it completed itself.
+  void DrainInline() MF_EXCLUDES(mu_, send_mu_);
   // Writer thread: encodes the reply of `slot` into slot.reply and appends its iovecs
   // (header, then read data) to iov; returns how many it appended (1 or 2).
   size_t BuildReply(Slot& slot, uint32_t error, iovec* iov);
@@ -243,6 +249,13 @@ class Export::Connection final : public fabric::IoCallback {
   std::condition_variable_any completed_cv_;
   std::vector<uint32_t> free_ MF_GUARDED_BY(mu_);       // capacity depth_: no allocation
   std::vector<uint32_t> completed_ MF_GUARDED_BY(mu_);  // ring of depth_ entries
+  // The reader queued completions without waking the writer: it sends them itself before
+  // it blocks (a Remote that completes inline costs no thread hand-off per request).
+  bool inline_pending_ MF_GUARDED_BY(mu_) = false;
+  std::thread::id reader_id_;           // Transmission's thread; set before the first Submit
+  std::vector<uint32_t> inline_batch_;  // reader thread: sized depth_ by Enter
+  std::vector<iovec> inline_iov_;       // reader thread: 2 * depth_
+  Mutex send_mu_;                       // one batch of replies on the socket at a time
   size_t completed_head_ MF_GUARDED_BY(mu_) = 0;
   size_t completed_count_ MF_GUARDED_BY(mu_) = 0;
   bool large_busy_ MF_GUARDED_BY(mu_) = false;
@@ -282,6 +295,7 @@ void Export::Connection::Run() {
     writer_ = std::thread([this] { WriterLoop(); });
     result = Transmission();
     if (result.code() == Code::kProtocolError) owner_.protocol_errors_.fetch_add(1);
+    completed_cv_.notify_one();  // the writer answers what the reader completed last
     // In-flight requests still refer to the slots: wait for every one to come back.
     {
       MutexLock lock(mu_);
@@ -476,6 +490,8 @@ Status Export::Connection::Enter(const ExportSpec& spec) {
   free_.clear();  // a failed earlier GO may have left some
   free_.reserve(depth_);
   completed_.assign(depth_, 0);
+  inline_batch_.assign(depth_, 0);
+  inline_iov_.assign(2 * depth_, iovec{});
   for (size_t i = 0; i < depth_; ++i) {
     MF_ASSIGN_OR_RETURN(slots_[i].buffer, remote_->AllocateBuffer(slot_bytes));
     free_.push_back(static_cast<uint32_t>(depth_ - 1 - i));
@@ -489,6 +505,7 @@ Status Export::Connection::Enter(const ExportSpec& spec) {
 // ---- Transmission: reader side ---------------------------------------------------------------------
 
 uint32_t Export::Connection::AcquireSlot() {
+  DrainInline();  // the free slots may all be waiting for their replies
   MutexLock lock(mu_);
   free_cv_.wait(mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return !free_.empty(); });
   uint32_t index = free_.back();
@@ -502,6 +519,7 @@ Status Export::Connection::PrepareData(Slot& slot, uint32_t length) {
     slot.io_buffer = &slot.buffer;
     return Status::Ok();
   }
+  DrainInline();  // the large buffer's request may be waiting for its reply
   {
     MutexLock lock(mu_);
     free_cv_.wait(mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return !large_busy_; });
@@ -638,6 +656,7 @@ void Export::Connection::SubmitSplit(uint32_t index, fabric::IoKind kind, uint64
 
 Status Export::Connection::Transmission() {
   const uint64_t dos_limit = std::max<uint64_t>(owner_.options_.max_block_size, kMinDosWriteLimit);
+  reader_id_ = std::this_thread::get_id();
   std::array<std::byte, kRequestSize> raw{};
   for (;;) {
     Status received = ReadInput(raw);
@@ -747,12 +766,34 @@ void Export::Connection::OnIoComplete(uint64_t cookie, const Status& status) {
 }
 
 void Export::Connection::PushCompleted(uint32_t index) {
+  // Large read replies go to the writer, so that sending one overlaps reading the next.
+  const Slot& s = slots_[index];
+  const bool large_reply = s.request.type == kCmdRead && s.data.size() > kMaxInlineReply;
+  const bool on_reader = !large_reply && std::this_thread::get_id() == reader_id_;
   {
     MutexLock lock(mu_);
     completed_[(completed_head_ + completed_count_) % depth_] = index;
     ++completed_count_;
+    if (on_reader) {
+      inline_pending_ = true;
+      return;
+    }
   }
   completed_cv_.notify_one();
+}
+
+void Export::Connection::DrainInline() {
+  size_t count = 0;
+  {
+    MutexLock lock(mu_);
+    if (!inline_pending_) return;
+    inline_pending_ = false;
+    for (; completed_count_ > 0; --completed_count_) {
+      inline_batch_[count++] = completed_[completed_head_];
+      completed_head_ = (completed_head_ + 1) % depth_;
+    }
+  }
+  if (count > 0) SendReplies(std::span(inline_batch_).first(count), inline_iov_);
 }
 
 // ---- Transmission: writer side ---------------------------------------------------------------------
@@ -768,22 +809,30 @@ void Export::Connection::WriterLoop() {
       completed_cv_.wait(
           mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return completed_count_ > 0 || writer_exit_; });
       if (completed_count_ == 0) return;
+      inline_pending_ = false;  // the writer answers those too
       for (; completed_count_ > 0; --completed_count_) {
         batch[count++] = completed_[completed_head_];
         completed_head_ = (completed_head_ + 1) % depth_;
       }
     }
+    SendReplies(std::span(batch).first(count), iov);
+  }
+}
+
+void Export::Connection::SendReplies(std::span<const uint32_t> batch, std::span<iovec> iov) {
+  {
+    MutexLock send_lock(send_mu_);
     // One Flush covers every FLUSH and FUA of the batch: all their writes completed before it.
     bool flush = false;
-    for (size_t i = 0; i < count; ++i) {
-      const Slot& s = slots_[batch[i]];
+    for (uint32_t index : batch) {
+      const Slot& s = slots_[index];
       flush |= s.flush_after && s.error.load(std::memory_order_acquire) == 0;
     }
     Status flushed = flush ? remote_->Flush() : Status::Ok();
     if (!flushed.ok()) spdlog::warn("nbd: connection {} flush failed: {}", id_, flushed.ToString());
     size_t pieces = 0;
-    for (size_t i = 0; i < count; ++i) {
-      Slot& s = slots_[batch[i]];
+    for (uint32_t index : batch) {
+      Slot& s = slots_[index];
       uint32_t error = s.error.load(std::memory_order_acquire);
       if (error == 0 && s.flush_after && !flushed.ok()) {
         error = kEio;
@@ -800,15 +849,15 @@ void Export::Connection::WriterLoop() {
         Shutdown();  // wakes the reader
       }
     }
-    {
-      MutexLock lock(mu_);
-      for (size_t i = 0; i < count; ++i) {
-        if (slots_[batch[i]].uses_large) large_busy_ = false;
-        free_.push_back(batch[i]);
-      }
-    }
-    free_cv_.notify_all();
   }
+  {
+    MutexLock lock(mu_);
+    for (uint32_t index : batch) {
+      if (slots_[index].uses_large) large_busy_ = false;
+      free_.push_back(index);
+    }
+  }
+  free_cv_.notify_all();
 }
 
 size_t Export::Connection::BuildReply(Slot& s, uint32_t error, iovec* iov) {
@@ -872,6 +921,7 @@ Status Export::Connection::ReadInput(std::span<std::byte> out) {
   out = out.subspan(buffered);
   if (out.empty()) return Status::Ok();
   input_begin_ = input_end_ = 0;
+  DrainInline();  // about to block on the socket: answer what is done first
   if (out.size() >= input_.size()) return RecvAll(fd(), out);  // big payloads go straight in
   while (input_end_ < out.size()) {
     ssize_t n = ::recv(fd(), input_.data() + input_end_, input_.size() - input_end_, 0);
