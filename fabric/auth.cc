@@ -15,6 +15,21 @@ namespace {
 
 constexpr std::string_view kClientLabel = "memfabric-client";
 constexpr std::string_view kServerLabel = "memfabric-server";
+constexpr std::string_view kMigrationSourceLabel = "memfabric-migration-source";
+constexpr std::string_view kMigrationDestinationLabel = "memfabric-migration-destination";
+constexpr size_t kMaxLabel = kMigrationDestinationLabel.size();
+static_assert(kClientLabel.size() <= kMaxLabel && kServerLabel.size() <= kMaxLabel &&
+              kMigrationSourceLabel.size() <= kMaxLabel);
+
+std::string_view Label(Role role) {
+  switch (role) {
+    case Role::kClient: return kClientLabel;
+    case Role::kServer: return kServerLabel;
+    case Role::kMigrationSource: return kMigrationSourceLabel;
+    case Role::kMigrationDestination: return kMigrationDestinationLabel;
+  }
+  return kClientLabel;
+}
 
 }  // namespace
 
@@ -58,9 +73,8 @@ Result<Nonce> MakeNonce() {
 }
 
 Proof ComputeProof(const Secret& secret, Role role, const Nonce& server_nonce, const Nonce& client_nonce) {
-  std::string_view label = role == Role::kClient ? kClientLabel : kServerLabel;
-  uint8_t message[kServerLabel.size() + 2 * kNonceSize];
-  static_assert(kClientLabel.size() == kServerLabel.size());
+  const std::string_view label = Label(role);
+  uint8_t message[kMaxLabel + 2 * kNonceSize];
   size_t n = 0;
   for (char c : label) message[n++] = static_cast<uint8_t>(c);
   for (uint8_t b : server_nonce) message[n++] = b;

@@ -4,7 +4,9 @@
 // 32-byte nonce; each proves knowledge of the secret with
 //   proof = HMAC(secret, role || server_nonce || client_nonce)
 // where role is "memfabric-client" or "memfabric-server", so neither proof can be
-// replayed as the other. Proofs are compared in constant time. The secret never crosses
+// replayed as the other. The migration channel (fabric/migration.h) uses the same scheme
+// with labels of its own ("memfabric-migration-source"/"-destination"), so that no proof
+// made for one protocol is valid in the other. Proofs are compared in constant time. The secret never crosses
 // the wire.
 //
 // Thread-safety: free functions; Secret is a value.
@@ -28,7 +30,7 @@ constexpr char kSecretEnv[] = "MEMFABRIC_SECRET";
 using Nonce = std::array<uint8_t, kNonceSize>;
 using Proof = std::array<uint8_t, kProofSize>;
 
-enum class Role : uint8_t { kClient, kServer };
+enum class Role : uint8_t { kClient, kServer, kMigrationSource, kMigrationDestination };
 
 class Secret {
  public:

@@ -15,7 +15,7 @@ namespace migration_wire {
 namespace {
 
 bool KnownType(uint8_t t) {
-  return t >= static_cast<uint8_t>(Type::kHello) && t <= static_cast<uint8_t>(Type::kAbort);
+  return t >= static_cast<uint8_t>(Type::kHello) && t <= static_cast<uint8_t>(Type::kProgress);
 }
 
 bool KnownCode(uint8_t c) {
@@ -32,6 +32,9 @@ std::string_view TypeName(Type type) {
     case Type::kLeaseReleased: return "LEASE_RELEASED";
     case Type::kDone: return "DONE";
     case Type::kAbort: return "ABORT";
+    case Type::kChallenge: return "CHALLENGE";
+    case Type::kProof: return "PROOF";
+    case Type::kProgress: return "PROGRESS";
   }
   return "UNKNOWN";
 }
@@ -117,6 +120,13 @@ Result<Message> DecodePayload(Type type, std::span<const std::byte> payload) {
       m.abort = Status(static_cast<Code>(code), std::move(message));
       break;
     }
+    case Type::kChallenge:
+    case Type::kProof:
+      if (!r.Bytes(m.auth)) return malformed();
+      break;
+    case Type::kProgress:
+      if (!r.U64(&m.progress_bytes)) return malformed();
+      break;
   }
   if (r.remaining() != 0) return ProtocolError(what + " message has trailing bytes");
   return m;
@@ -161,6 +171,9 @@ std::vector<std::byte> Encode(const Message& m) {
       w.U8(static_cast<uint8_t>(m.abort.code()));
       w.String16(m.abort.message());
       break;
+    case Type::kChallenge:
+    case Type::kProof: w.Bytes(m.auth); break;
+    case Type::kProgress: w.U64(m.progress_bytes); break;
   }
   const size_t length = out.size() - kHeaderSize;
   std::vector<std::byte> header;
@@ -209,6 +222,25 @@ Message MakeAbort(const Status& why) {
   std::string text(why.message());
   if (text.size() > kMaxAbortMessage) text.resize(kMaxAbortMessage);
   m.abort = Status(why.ok() ? Code::kAborted : why.code(), std::move(text));
+  return m;
+}
+
+Message MakeChallenge(const Nonce& nonce) {
+  Message m;
+  m.type = Type::kChallenge;
+  m.auth = nonce;
+  return m;
+}
+Message MakeProof(const Proof& proof) {
+  Message m;
+  m.type = Type::kProof;
+  m.auth = proof;
+  return m;
+}
+Message MakeProgress(uint64_t bytes_local) {
+  Message m;
+  m.type = Type::kProgress;
+  m.progress_bytes = bytes_local;
   return m;
 }
 
@@ -288,6 +320,63 @@ void MigrationChannel::Shutdown() {
   if (fd_) ::shutdown(fd_.get(), SHUT_RDWR);
 }
 
+// ---- AuthenticateChannel ----------------------------------------------------------------
+
+namespace {
+
+// The next message, which must be of type `want`; an ABORT is returned as its status.
+Result<wire::Message> Expect(MigrationChannel& channel, wire::Type want, std::chrono::milliseconds timeout) {
+  MF_ASSIGN_OR_RETURN(wire::Message m, channel.Receive(timeout));
+  if (m.type == wire::Type::kAbort) return m.abort.WithContext("the peer refused the migration channel");
+  if (m.type != want) {
+    return ProtocolError("migration channel: expected " + std::string(wire::TypeName(want)) + ", got " +
+                         std::string(wire::TypeName(m.type)) +
+                         " (is the other side run without a secret? Both sides need the same secret)");
+  }
+  return m;
+}
+
+}  // namespace
+
+Result<UniqueFd> AuthenticateChannel(UniqueFd fd, const Secret& secret, MigrationSide side,
+                                     std::chrono::milliseconds timeout) {
+  if (secret.empty()) return InvalidArgument("authenticating the migration channel needs a secret");
+  MigrationChannel channel(std::move(fd));
+  MF_ASSIGN_OR_RETURN(const Nonce mine, MakeNonce());
+  Nonce theirs{};
+  auto reject = [&](std::string why) {
+    Status st(Code::kUnauthenticated, std::move(why));
+    (void)channel.Send(wire::MakeAbort(Status(Code::kUnauthenticated,
+                                              "the other side rejected this side's proof: the "
+                                              "two sides hold different secrets")),
+                       timeout);
+    channel.Shutdown();
+    return st;
+  };
+  if (side == MigrationSide::kSource) {
+    // The source's nonce is the "client" nonce of fabric/auth.h, the destination's the
+    // "server" nonce.
+    MF_RETURN_IF_ERROR(channel.Send(wire::MakeChallenge(mine), timeout));
+    MF_ASSIGN_OR_RETURN(wire::Message challenge, Expect(channel, wire::Type::kChallenge, timeout));
+    theirs = challenge.auth;
+    MF_RETURN_IF_ERROR(
+        channel.Send(wire::MakeProof(ComputeProof(secret, Role::kMigrationSource, theirs, mine)), timeout));
+    MF_ASSIGN_OR_RETURN(wire::Message proof, Expect(channel, wire::Type::kProof, timeout));
+    if (!VerifyProof(secret, Role::kMigrationDestination, theirs, mine, proof.auth))
+      return reject("the destination's proof is wrong: the two sides hold different secrets");
+  } else {
+    MF_ASSIGN_OR_RETURN(wire::Message challenge, Expect(channel, wire::Type::kChallenge, timeout));
+    theirs = challenge.auth;
+    MF_RETURN_IF_ERROR(channel.Send(wire::MakeChallenge(mine), timeout));
+    MF_ASSIGN_OR_RETURN(wire::Message proof, Expect(channel, wire::Type::kProof, timeout));
+    if (!VerifyProof(secret, Role::kMigrationSource, mine, theirs, proof.auth))
+      return reject("the source's proof is wrong: the two sides hold different secrets");
+    MF_RETURN_IF_ERROR(channel.Send(
+        wire::MakeProof(ComputeProof(secret, Role::kMigrationDestination, mine, theirs)), timeout));
+  }
+  return channel.Release();
+}
+
 // ---- MountSource ------------------------------------------------------------------------
 
 Result<std::unique_ptr<MountSource>> MountSource::Create(std::unique_ptr<Remote> writable,
@@ -350,7 +439,7 @@ Result<std::unique_ptr<Seeder>> Seeder::Start(SourceWriter& writer, UniqueFd cha
 }
 
 SeederProgress Seeder::progress() const {
-  return {writer_.tracked_count(), ready_bytes_.load(), finalizing_.load()};
+  return {writer_.tracked_count(), ready_bytes_.load(), local_bytes_.load(), finalizing_.load()};
 }
 
 Status Seeder::Abort(Status why, bool suspended, bool released) {
@@ -381,8 +470,15 @@ Status Seeder::Abort(Status why, bool suspended, bool released) {
 Result<MigrationStats> Seeder::Finalize() {
   finalizing_.store(true);
   MigrationStats stats;
-  // 1. Pre-copy: the destination says when it holds the whole region.
+  // 1. Pre-copy: the destination says when it holds the whole region (and how far it got
+  // meanwhile).
+  const auto ready_deadline = Clock::now() + options_.ready_timeout;
   auto ready = channel_.Receive(options_.ready_timeout);
+  while (ready.ok() && ready->type == wire::Type::kProgress) {
+    local_bytes_.store(ready->progress_bytes);
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(ready_deadline - Clock::now());
+    ready = channel_.Receive(std::max(left, std::chrono::milliseconds(1)));
+  }
   if (!ready.ok())
     return Abort(ready.status().WithContext("waiting for the destination's pre-copy"), false, false);
   if (ready->type == wire::Type::kAbort)
@@ -391,6 +487,7 @@ Result<MigrationStats> Seeder::Finalize() {
     return Abort(ProtocolError("expected READY, got " + std::string(wire::TypeName(ready->type))), false,
                  false);
   ready_bytes_.store(ready->ready_bytes);
+  local_bytes_.store(writer_.region().size);
   stats.precopy_bytes = ready->ready_bytes;
   stats.precopy_ns = NanosSince(start_);
 
@@ -453,6 +550,7 @@ Result<std::unique_ptr<Leecher>> Leecher::Start(std::unique_ptr<Remote> read_onl
   if (read_only == nullptr) return InvalidArgument("Leecher needs a Remote");
   std::unique_ptr<Leecher> l(new Leecher(std::move(read_only), std::move(channel), std::move(options)));
   MF_ASSIGN_OR_RETURN(wire::Message hello, l->channel_.Receive(l->options_.hello_timeout));
+  if (hello.type == wire::Type::kAbort) return l->Fail(hello.abort.WithContext("source aborted"), false);
   if (hello.type != wire::Type::kHello) {
     return l->Fail(ProtocolError("expected HELLO, got " + std::string(wire::TypeName(hello.type))), true);
   }
@@ -509,9 +607,18 @@ Result<std::unique_ptr<Remote>> Leecher::OpenWritable() {
 }
 
 Status Leecher::Run() {
-  // Pre-copy, then READY.
-  Status local = mount_->WaitAllLocal(options_.precopy_timeout);
-  if (!local.ok()) return Fail(local.WithContext("pre-copy"), true);
+  // Pre-copy (with PROGRESS now and then), then READY.
+  const auto precopy_deadline = Clock::now() + options_.precopy_timeout;
+  for (;;) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(precopy_deadline - Clock::now());
+    const auto step = std::clamp(left, std::chrono::milliseconds(0), options_.progress_interval);
+    Status local = mount_->WaitAllLocal(step);
+    if (local.ok()) break;
+    if (local.code() != Code::kTimeout || Clock::now() >= precopy_deadline)
+      return Fail(local.WithContext("pre-copy"), true);
+    Status sent = channel_.Send(wire::MakeProgress(mount_->stats().bytes_local), options_.io_timeout);
+    if (!sent.ok()) return Fail(sent.WithContext("sending pre-copy progress"), false);
+  }
   Status ready = channel_.Send(wire::MakeReady(mount_->stats().bytes_pulled), options_.io_timeout);
   if (!ready.ok()) return Fail(ready.WithContext("sending READY"), false);
 

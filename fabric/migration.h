@@ -20,11 +20,14 @@
 //
 // The two sides talk over a connected stream socket (a TCP connection in real use, a
 // socketpair in tests) in small length-prefixed messages (namespace migration_wire below).
+// AuthenticateChannel runs a mutual challenge-response over it first, when both sides
+// hold a shared secret. The channel is not encrypted.
 //
 // Thread-safety: Seeder and Leecher are driven by one thread each (their "owning" thread);
 // progress() may be called from any thread. SourceWriter implementations say their own.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -34,6 +37,7 @@
 #include <string>
 #include <vector>
 
+#include "fabric/auth.h"
 #include "fabric/mount.h"
 #include "fabric/os.h"
 #include "fabric/remote.h"
@@ -54,6 +58,9 @@ namespace migration_wire {
 //   kLeaseReleased (empty)
 //   kDone          u64 lease ns · u64 re-pull ns · u64 bytes re-pulled
 //   kAbort         u8 code · u16 n · n bytes message
+//   kChallenge     32 bytes nonce       (AuthenticateChannel, before kHello)
+//   kProof         32 bytes HMAC-SHA256 proof
+//   kProgress      u64 bytes local at the destination (during pre-copy, every second)
 constexpr uint8_t kVersion = 1;
 constexpr size_t kHeaderSize = 8;
 constexpr size_t kMaxPayload = 16u << 20;
@@ -62,6 +69,8 @@ constexpr size_t kMaxAbortMessage = 1024;
 constexpr size_t kDirtySetFixed = 20;  // before the ranges
 constexpr size_t kRangeSize = 16;
 constexpr size_t kMaxRanges = (kMaxPayload - kDirtySetFixed) / kRangeSize;
+constexpr size_t kAuthSize = 32;  // a nonce or a proof
+static_assert(kAuthSize == kNonceSize && kAuthSize == kProofSize);
 static_assert(kMaxName + 26 <= kMaxPayload && kMaxAbortMessage + 3 <= kMaxPayload);
 
 enum class Type : uint8_t {
@@ -71,6 +80,9 @@ enum class Type : uint8_t {
   kLeaseReleased = 4,
   kDone = 5,
   kAbort = 6,
+  kChallenge = 7,
+  kProof = 8,
+  kProgress = 9,
 };
 std::string_view TypeName(Type type);
 
@@ -112,7 +124,9 @@ struct Message {
   uint64_t ready_bytes = 0;
   DirtySet dirty;
   Done done;
-  Status abort;  // kAbort: never OK
+  Status abort;                           // kAbort: never OK
+  std::array<uint8_t, kAuthSize> auth{};  // kChallenge: the nonce; kProof: the proof
+  uint64_t progress_bytes = 0;            // kProgress
 };
 
 // The header's payload length, after checking type, version and bounds. kProtocolError
@@ -132,6 +146,9 @@ Message MakeDirtySet(DirtySet dirty);
 Message MakeLeaseReleased();
 Message MakeDone(Done done);
 Message MakeAbort(const Status& why);
+Message MakeChallenge(const Nonce& nonce);
+Message MakeProof(const Proof& proof);
+Message MakeProgress(uint64_t bytes_local);
 
 }  // namespace migration_wire
 
@@ -147,10 +164,29 @@ class MigrationChannel final {
   // Shuts both directions down: the peer's reads see the end.
   void Shutdown();
   int fd() const { return fd_.get(); }
+  // Hands the socket back (the channel is closed afterwards).
+  UniqueFd Release() { return std::move(fd_); }
 
  private:
   UniqueFd fd_;
 };
+
+// Which end of the channel a side is: the source connects, the destination listens.
+enum class MigrationSide : uint8_t { kSource, kDestination };
+
+// Proves to each other that both ends hold `secret`, on a fresh channel before anything
+// else (Seeder::Start, Leecher::Start) is sent. HMAC-SHA256 challenge-response of
+// fabric/auth.h with the migration's own labels; the secret never crosses the wire, and the
+// destination (the listening side) proves nothing before the source has:
+//   source → CHALLENGE(source nonce)        destination → CHALLENGE(destination nonce)
+//   source → PROOF(source's proof)          destination checks it → PROOF(its proof)
+//   source checks it.
+// A side that rejects the other's proof sends ABORT(kUnauthenticated) and returns
+// kUnauthenticated; a side that receives ABORT returns it. kProtocolError when the peer
+// sends something else (e.g. a peer run without a secret, which starts with HELLO).
+// Returns the socket on success; it is closed on failure.
+Result<UniqueFd> AuthenticateChannel(UniqueFd fd, const Secret& secret, MigrationSide side,
+                                     std::chrono::milliseconds timeout);
 
 // ---- Source side ------------------------------------------------------------------------
 
@@ -242,6 +278,9 @@ struct SeederOptions {
 struct SeederProgress {
   uint64_t tracked_chunks = 0;  // chunks written since pre-copy began
   uint64_t destination_ready_bytes = 0;
+  // What the destination last reported local (PROGRESS, READY). The channel is read by
+  // Finalize only: before it runs, this stays 0.
+  uint64_t destination_local_bytes = 0;
   bool finalizing = false;
 };
 
@@ -269,6 +308,7 @@ class Seeder final {
   const SeederOptions options_;
   const std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
   std::atomic<uint64_t> ready_bytes_{0};
+  std::atomic<uint64_t> local_bytes_{0};
   std::atomic<bool> finalizing_{false};
 };
 
@@ -282,6 +322,7 @@ struct LeecherOptions {
   std::chrono::milliseconds precopy_timeout{600000};   // the background pull
   std::chrono::milliseconds finalize_timeout{600000};  // kReady → the dirty set
   std::chrono::milliseconds lease_timeout{5000};       // kBusy retries on open
+  std::chrono::milliseconds progress_interval{1000};   // PROGRESS during pre-copy
 };
 
 struct LeecherStats {

@@ -10,6 +10,7 @@
 #include <signal.h>
 
 #include <CLI/CLI.hpp>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -37,6 +38,8 @@ void AddServeCommand(CLI::App& app, std::vector<Command>& commands);
 void AddClientCommands(CLI::App& app, std::vector<Command>& commands);
 void AddBenchCommand(CLI::App& app, std::vector<Command>& commands);
 void AddMountCommand(CLI::App& app, std::vector<Command>& commands);
+// `migrate recv` and `migrate send` (tools/migrate_cmd.cc).
+void AddMigrateCommand(CLI::App& app, std::vector<Command>& commands);
 
 // Prints "memfabric COMMAND: error: MESSAGE" and, when hint is non-empty,
 // "memfabric COMMAND: hint: HINT" to stderr. Returns kExitUsage for kInvalidArgument
@@ -92,5 +95,7 @@ sigset_t BlockStopSignals();
 
 // Parses a byte count such as "4096", "64K", "1G" for the option named `what`.
 Result<uint64_t> ParseByteCount(std::string_view what, std::string_view text);
+// Parses a duration such as "2s", "500ms" or "0" (seconds without a unit).
+Result<std::chrono::milliseconds> ParseDuration(std::string_view text);
 
 }  // namespace mf::cli

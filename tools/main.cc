@@ -40,6 +40,7 @@ int main(int argc, char** argv) {
   mf::cli::AddBenchCommand(app, commands);
   mf::cli::AddMountCommand(app, commands);
   mf::cli::AddNbdCommands(app, commands);
+  mf::cli::AddMigrateCommand(app, commands);
 
   try {
     app.parse(argc, argv);

@@ -20,5 +20,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (again.size() != used || std::memcmp(again.data(), data, used) != 0) __builtin_trap();
   if (message->type == wire::Type::kDirtySet && message->dirty.chunks() > message->dirty.chunk_count)
     __builtin_trap();
+  // CHALLENGE and PROOF (the channel's authentication) carry exactly one nonce or proof.
+  if ((message->type == wire::Type::kChallenge || message->type == wire::Type::kProof) &&
+      used != wire::kHeaderSize + wire::kAuthSize)
+    __builtin_trap();
   return 0;
 }

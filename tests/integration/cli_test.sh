@@ -347,5 +347,185 @@ if command -v openssl >/dev/null; then
   stop_server
 fi
 
+# ---- migrate: recv and send as two processes over loopback TCP ------------------------
+MIG_RECV_PID=""
+MIG_SEND_PID=""
+cleanup_migrate() {
+  [[ -n "$MIG_RECV_PID" ]] && kill -KILL "$MIG_RECV_PID" 2>/dev/null
+  [[ -n "$MIG_SEND_PID" ]] && kill -KILL "$MIG_SEND_PID" 2>/dev/null
+  cleanup
+}
+trap cleanup_migrate EXIT
+# wait_for FILE REGEX: until FILE matches REGEX (10 s); false if it never does.
+wait_for() {
+  for ((i = 0; i < SERVER_WAIT_TRIES; i++)); do
+    grep -Eq -- "$2" "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+# wait_exit NAME PID: waits (10 s at most, then kills) and sets RC to its exit status.
+wait_exit() {
+  for ((i = 0; i < SERVER_WAIT_TRIES; i++)); do
+    kill -0 "$2" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -0 "$2" 2>/dev/null && { fail "$1: still running after 10 s"; kill -KILL "$2"; }
+  RC=0
+  wait "$2" || RC=$?
+}
+# start_recv NAME ARGS...: `migrate recv` in the background on a free port; sets MIG_RECV_PID, MIG_PORT.
+start_recv() {
+  local name=$1
+  shift
+  rm -f "$WORK/mig-port"
+  "$MF" migrate recv "$URL/$MIG_REGION" --listen 127.0.0.1:0 --port-file "$WORK/mig-port" "$@" \
+    >"$WORK/$name.out" 2>"$WORK/$name.err" &
+  MIG_RECV_PID=$!
+  wait_for "$WORK/mig-port" . || fail "$name: no port file: $(head -c 600 "$WORK/$name.err")"
+  MIG_PORT=$(cat "$WORK/mig-port")
+}
+# expect_region NAME FILE: the server's region $MIG_REGION holds exactly FILE's bytes.
+expect_region() {
+  run "$1-read" "$MF" read "$URL/$MIG_REGION" 0 "$(stat -c %s "$2")" "${C[@]}"
+  if cmp -s "$2" "$WORK/$1-read.out"; then pass "$1: the region holds the expected bytes"; else fail "$1: the region's bytes differ"; fi
+}
+# patch FILE OFFSET_4K PATCH: writes PATCH into FILE at block OFFSET_4K (4 KiB blocks).
+patch() { dd if="$3" of="$1" bs=4096 seek="$2" conv=notrunc status=none; }
+# nbd_pwrite SOCKET FILE OFFSET: writes FILE at OFFSET through the NBD export on SOCKET.
+nbd_pwrite() {
+  PATH=/usr/bin:$PATH nbdsh -u "nbd+unix:///$MIG_REGION?socket=$1" -c "h.pwrite(open('$2', 'rb').read(), $3)"
+}
+MIG_REGION=data
+HAVE_NBDSH=0
+PATH=/usr/bin:$PATH nbdsh -c 'pass' >/dev/null 2>&1 && HAVE_NBDSH=1
+
+for sub in recv send; do
+  run "help-migrate-$sub" "$MF" migrate "$sub" --help
+  expect_rc "help-migrate-$sub" 0
+  expect_in "help-migrate-$sub" out "Example"
+  expect_in "help-migrate-$sub" out "NOT encrypted"
+done
+run migrate-no-sub "$MF" migrate
+expect_rc migrate-no-sub 2
+run migrate-insecure-remote "$MF" migrate send tcp://127.0.0.1:1/data --to 192.0.2.1:7412 --insecure
+expect_rc migrate-insecure-remote 2
+expect_in migrate-insecure-remote err "loopback"
+run migrate-bad-chunk "$MF" migrate recv tcp://127.0.0.1:1/data --listen 127.0.0.1:0 --chunk 3K "${C[@]}"
+expect_rc migrate-bad-chunk 2
+expect_in migrate-bad-chunk err "power of two"
+run migrate-both-finalize "$MF" migrate send tcp://127.0.0.1:1/data --to 127.0.0.1:1 --finalize-after 1 \
+  --finalize-on-signal "${C[@]}"
+expect_rc migrate-both-finalize 2
+
+start_server
+head -c 4194304 /dev/urandom >"$WORK/mig-expected"
+run mig-write "$MF" write "$URL/data" 0 "${C[@]}" <"$WORK/mig-expected"
+expect_rc mig-write 0
+
+# 1. The plain hand-over: the destination syncs, releases the lease and exits.
+start_recv mig-recv "${C[@]}"
+run mig-send "$MF" migrate send "$URL/data" --to "127.0.0.1:$MIG_PORT" "${C[@]}"
+expect_rc mig-send 0
+expect_in mig-send err "downtime +[0-9.]+ ms = suspend [0-9.]+ \+ push [0-9.]+ \+ hand-over [0-9.]+ \+ lease [0-9.]+ \+ re-pull"
+expect_in mig-send out "^migrated 'data' to 127.0.0.1:$MIG_PORT: downtime [0-9.]+ ms"
+wait_exit mig-recv "$MIG_RECV_PID"
+MIG_RECV_PID=""
+expect_rc mig-recv 0
+expect_in mig-recv err "channel authenticated, not encrypted"
+expect_in mig-recv err "pre-copy complete: 4 MiB"
+expect_in mig-recv out "^migrated 'data' \(4 MiB\) from .*write lease released"
+expect_region mig-plain "$WORK/mig-expected"
+
+# 2. Writes through the source's NBD export during pre-copy, then through the destination's.
+if ((HAVE_NBDSH)); then
+  start_recv mig-nbd-recv --nbd-listen "unix:$WORK/mig-dst.sock" "${C[@]}"
+  "$MF" migrate send "$URL/data" --to "127.0.0.1:$MIG_PORT" --nbd-listen "unix:$WORK/mig-src.sock" \
+    --finalize-on-signal --suspend-cmd "touch $WORK/mig-suspended" "${C[@]}" \
+    >"$WORK/mig-nbd-send.out" 2>"$WORK/mig-nbd-send.err" &
+  MIG_SEND_PID=$!
+  wait_for "$WORK/mig-nbd-send.err" "pre-copy of 'data'" || fail "mig-nbd-send: did not start: $(head -c 600 "$WORK/mig-nbd-send.err")"
+  head -c 200000 /dev/urandom >"$WORK/mig-patch1"  # not chunk-aligned on purpose
+  if nbd_pwrite "$WORK/mig-src.sock" "$WORK/mig-patch1" 1052672; then pass "mig-nbd: wrote through the source's export"; else fail "mig-nbd: nbdsh write to the source failed"; fi
+  patch "$WORK/mig-expected" 257 "$WORK/mig-patch1"  # 1052672 = 257 x 4 KiB
+  wait_for "$WORK/mig-nbd-recv.err" "pre-copy complete" || fail "mig-nbd-recv: no pre-copy: $(head -c 600 "$WORK/mig-nbd-recv.err")"
+  head -c 8192 /dev/urandom >"$WORK/mig-patch2"  # after the destination pulled it all: re-pulled
+  nbd_pwrite "$WORK/mig-src.sock" "$WORK/mig-patch2" 0 || fail "mig-nbd: second nbdsh write failed"
+  patch "$WORK/mig-expected" 0 "$WORK/mig-patch2"
+  kill -USR1 "$MIG_SEND_PID"
+  wait_exit mig-nbd-send "$MIG_SEND_PID"
+  MIG_SEND_PID=""
+  expect_rc mig-nbd-send 0
+  expect_in mig-nbd-send err "dirty +[1-9][0-9]* chunks"
+  if [[ -e "$WORK/mig-suspended" ]]; then pass "mig-nbd: --suspend-cmd ran"; else fail "mig-nbd: --suspend-cmd did not run"; fi
+  wait_for "$WORK/mig-nbd-recv.err" "serving 'data' read-write" || fail "mig-nbd-recv: no export: $(head -c 600 "$WORK/mig-nbd-recv.err")"
+  run mig-busy "$MF" write "$URL/data" 0 "${C[@]}" <"$WORK/mig-patch2"
+  expect_rc mig-busy 1
+  expect_in mig-busy err "write lease"
+  head -c 4096 /dev/urandom >"$WORK/mig-patch3"
+  if nbd_pwrite "$WORK/mig-dst.sock" "$WORK/mig-patch3" 3145728; then pass "mig-nbd: wrote through the destination's export"; else fail "mig-nbd: nbdsh write to the destination failed"; fi
+  patch "$WORK/mig-expected" 768 "$WORK/mig-patch3"
+  kill -TERM "$MIG_RECV_PID"
+  wait_exit mig-nbd-recv "$MIG_RECV_PID"
+  MIG_RECV_PID=""
+  expect_rc mig-nbd-recv 0
+  expect_region mig-nbd "$WORK/mig-expected"
+  run mig-new-writer "$MF" write "$URL/data" 0 "${C[@]}" <"$WORK/mig-patch3"
+  expect_rc mig-new-writer 0
+  patch "$WORK/mig-expected" 0 "$WORK/mig-patch3"
+else
+  echo "skip migrate over NBD: nbdsh (libnbd-bin, python3-libnbd) not installed"
+fi
+
+# 3. A wrong secret on the channel: refused; the source keeps the region.
+start_recv mig-wrong-recv --channel-secret-file "$WRONG_SECRET" "${C[@]}"
+run mig-wrong-send "$MF" migrate send "$URL/data" --to "127.0.0.1:$MIG_PORT" "${C[@]}"
+expect_rc mig-wrong-send 1
+expect_in mig-wrong-send err "different secrets"
+expect_in mig-wrong-send err "nothing is lost"
+wait_for "$WORK/mig-wrong-recv.err" "refused a connection from 127.0.0.1" || fail "mig-wrong-recv: did not say it refused: $(head -c 600 "$WORK/mig-wrong-recv.err")"
+if kill -0 "$MIG_RECV_PID" 2>/dev/null; then pass "mig-wrong-recv: still waiting for a source"; else fail "mig-wrong-recv: exited"; fi
+kill -TERM "$MIG_RECV_PID"
+wait_exit mig-wrong-recv "$MIG_RECV_PID"
+MIG_RECV_PID=""
+expect_rc mig-wrong-recv 1
+expect_in mig-wrong-recv err "nothing was migrated"
+expect_region mig-wrong "$WORK/mig-expected"
+
+# 4. The destination killed mid-pull: the source aborts, exits 1, loses nothing. A 32 MiB
+# region pulled in 4 KiB chunks takes most of a second over loopback.
+MIG_REGION=mig32
+run mig32-create "$MF" create "$URL/mig32" --size 32M --backing memfd "${C[@]}"
+expect_rc mig32-create 0
+head -c 33554432 /dev/urandom >"$WORK/mig32-expected"
+run mig32-write "$MF" write "$URL/mig32" 0 "${C[@]}" <"$WORK/mig32-expected"
+expect_rc mig32-write 0
+start_recv mig-kill-recv --chunk 4K "${C[@]}"
+SEND_EXTRA=()
+((HAVE_NBDSH)) && SEND_EXTRA=(--nbd-listen "unix:$WORK/mig-src2.sock")
+"$MF" migrate send "$URL/mig32" --to "127.0.0.1:$MIG_PORT" --finalize-on-signal "${SEND_EXTRA[@]}" "${C[@]}" \
+  >"$WORK/mig-kill-send.out" 2>"$WORK/mig-kill-send.err" &
+MIG_SEND_PID=$!
+wait_for "$WORK/mig-kill-send.err" "pre-copy of 'mig32'" || fail "mig-kill-send: did not start: $(head -c 600 "$WORK/mig-kill-send.err")"
+if ((HAVE_NBDSH)); then  # the source's workload writes during the pre-copy
+  head -c 65536 /dev/urandom >"$WORK/mig-patch4"
+  nbd_pwrite "$WORK/mig-src2.sock" "$WORK/mig-patch4" 2097152 && patch "$WORK/mig32-expected" 512 "$WORK/mig-patch4"
+fi
+kill -KILL "$MIG_RECV_PID"
+wait "$MIG_RECV_PID" 2>/dev/null
+MIG_RECV_PID=""
+if grep -q "pre-copy complete" "$WORK/mig-kill-recv.err"; then
+  echo "note: the destination finished its pre-copy before it was killed"
+fi
+wait_exit mig-kill-send "$MIG_SEND_PID"
+MIG_SEND_PID=""
+expect_rc mig-kill-send 1
+expect_in mig-kill-send err "aborted"
+expect_in mig-kill-send err "nothing is lost"
+expect_region mig-kill "$WORK/mig32-expected"
+run mig-after-kill "$MF" write "$URL/mig32" 0 "${C[@]}" <"$WORK/mig-patch2"
+expect_rc mig-after-kill 0
+stop_server
+
 echo "cli_test: $CHECKS checks, $FAILURES failed"
 ((FAILURES == 0))

@@ -27,6 +27,18 @@ TEST(Auth, ProofsVerifyOnlyWithSameSecretRoleAndNonces) {
   EXPECT_FALSE(VerifyProof(secret, Role::kClient, sn, cn, p));
 }
 
+TEST(Auth, MigrationProofsAreValidOnlyForTheirOwnRole) {
+  Secret secret("0123456789abcdef0123456789abcdef");
+  auto sn = MakeNonce();
+  auto cn = MakeNonce();
+  ASSERT_TRUE(sn.ok() && cn.ok());
+  const Role roles[] = {Role::kClient, Role::kServer, Role::kMigrationSource, Role::kMigrationDestination};
+  for (Role made : roles) {
+    const Proof p = ComputeProof(secret, made, *sn, *cn);
+    for (Role checked : roles) EXPECT_EQ(VerifyProof(secret, checked, *sn, *cn, p), made == checked);
+  }
+}
+
 class SecretFile : public ::testing::Test {
  protected:
   void SetUp() override {

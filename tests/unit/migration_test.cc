@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <thread>
 #include <vector>
@@ -78,6 +79,9 @@ std::vector<wire::Message> Samples() {
       wire::MakeLeaseReleased(),
       wire::MakeDone({1, 2, 3}),
       wire::MakeAbort(Status(Code::kBusy, "lease held")),
+      wire::MakeChallenge(Nonce{1, 2, 3}),
+      wire::MakeProof(Proof{9, 8, 7}),
+      wire::MakeProgress(777),
   };
 }
 
@@ -89,6 +93,8 @@ void ExpectSame(const wire::Message& a, const wire::Message& b) {
   EXPECT_EQ(a.done, b.done);
   EXPECT_EQ(a.abort.code(), b.abort.code());
   EXPECT_EQ(a.abort.message(), b.abort.message());
+  EXPECT_EQ(a.auth, b.auth);
+  EXPECT_EQ(a.progress_bytes, b.progress_bytes);
 }
 
 TEST(MigrationWire, RoundTripsEveryMessage) {
@@ -167,6 +173,22 @@ TEST(MigrationWire, RejectsBadAbortsAndHellos) {
             Code::kProtocolError);
 }
 
+TEST(MigrationWire, RejectsAuthMessagesOfTheWrongLength) {
+  for (const auto& m : {wire::MakeChallenge(Nonce{}), wire::MakeProof(Proof{}), wire::MakeProgress(1)}) {
+    auto b = wire::Encode(m);
+    // One byte short, with the header saying so: malformed, not truncated.
+    b.pop_back();
+    b[4] = std::byte{static_cast<uint8_t>(b.size() - wire::kHeaderSize)};
+    size_t used = 0;
+    EXPECT_EQ(wire::Decode(b, &used).status().code(), Code::kProtocolError) << wire::TypeName(m.type);
+    // One byte long: trailing bytes.
+    b.push_back(std::byte{0});
+    b.push_back(std::byte{0});
+    b[4] = std::byte{static_cast<uint8_t>(b.size() - wire::kHeaderSize)};
+    EXPECT_EQ(wire::Decode(b, &used).status().code(), Code::kProtocolError) << wire::TypeName(m.type);
+  }
+}
+
 TEST(MigrationWire, DirtySetFromChunksMergesRuns) {
   const std::vector<uint64_t> chunks = {0, 1, 2, 7, 9, 10};
   const auto d = wire::DirtySet::FromChunks(kChunk, 16, chunks);
@@ -185,6 +207,72 @@ TEST(MigrationChannel, SendsReceivesAndSeesTheEnd) {
   EXPECT_EQ(right.Receive(milliseconds(50)).status().code(), Code::kTimeout);
   left.Shutdown();
   EXPECT_EQ(right.Receive(milliseconds(1000)).status().code(), Code::kUnavailable);
+}
+
+// ---- AuthenticateChannel ----------------------------------------------------------------
+
+const Secret kSecret("0123456789abcdef0123456789abcdef");
+const Secret kOtherSecret("fedcba9876543210fedcba9876543210");
+
+struct AuthOutcome {
+  Status source;
+  Status destination;
+  std::optional<UniqueFd> source_fd;
+  std::optional<UniqueFd> destination_fd;
+};
+
+AuthOutcome Authenticate(const Secret& source_secret, const Secret& destination_secret) {
+  auto [a, b] = SocketPair();
+  AuthOutcome out;
+  std::thread destination([&, fd = std::move(b)]() mutable {
+    auto r = AuthenticateChannel(std::move(fd), destination_secret, MigrationSide::kDestination,
+                                 milliseconds(5000));
+    out.destination = r.status();
+    if (r.ok()) out.destination_fd = std::move(r).value();
+  });
+  auto r = AuthenticateChannel(std::move(a), source_secret, MigrationSide::kSource, milliseconds(5000));
+  out.source = r.status();
+  if (r.ok()) out.source_fd = std::move(r).value();
+  destination.join();
+  return out;
+}
+
+TEST(MigrationAuth, SameSecretAuthenticatesBothSidesAndKeepsTheChannel) {
+  AuthOutcome out = Authenticate(kSecret, kSecret);
+  ASSERT_TRUE(out.source.ok()) << out.source.ToString();
+  ASSERT_TRUE(out.destination.ok()) << out.destination.ToString();
+  // The channel goes on with the migration's first message.
+  MigrationChannel source(std::move(*out.source_fd));
+  MigrationChannel destination(std::move(*out.destination_fd));
+  ASSERT_TRUE(source.Send(wire::MakeHello({kSize, kChunk, 1, "r"}), milliseconds(1000)).ok());
+  auto hello = destination.Receive(milliseconds(1000));
+  ASSERT_TRUE(hello.ok()) << hello.status().ToString();
+  EXPECT_EQ(hello->type, wire::Type::kHello);
+}
+
+TEST(MigrationAuth, DifferentSecretsFailOnBothSidesWithAClearError) {
+  AuthOutcome out = Authenticate(kSecret, kOtherSecret);
+  EXPECT_EQ(out.destination.code(), Code::kUnauthenticated) << out.destination.ToString();
+  EXPECT_NE(out.destination.message().find("different secrets"), std::string_view::npos);
+  EXPECT_EQ(out.source.code(), Code::kUnauthenticated) << out.source.ToString();
+  EXPECT_NE(out.source.message().find("different secrets"), std::string_view::npos);
+  EXPECT_FALSE(out.source_fd.has_value());
+}
+
+TEST(MigrationAuth, APeerWithoutASecretIsAProtocolError) {
+  auto [a, b] = SocketPair();
+  MigrationChannel unauthenticated_source(std::move(a));
+  ASSERT_TRUE(unauthenticated_source.Send(wire::MakeHello({kSize, kChunk, 1, "r"}), milliseconds(1000)).ok());
+  auto r = AuthenticateChannel(std::move(b), kSecret, MigrationSide::kDestination, milliseconds(1000));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kProtocolError);
+  EXPECT_NE(r.status().message().find("HELLO"), std::string_view::npos) << r.status().ToString();
+}
+
+TEST(MigrationAuth, ASilentPeerTimesOut) {
+  auto [a, b] = SocketPair();
+  auto r = AuthenticateChannel(std::move(b), kSecret, MigrationSide::kDestination, milliseconds(100));
+  EXPECT_EQ(r.status().code(), Code::kTimeout);
 }
 
 // ---- Finalize ---------------------------------------------------------------------------
@@ -397,6 +485,33 @@ TEST_F(MigrationTest, WritesNotPushedBeforePreCopyAreHandedOver) {
   std::vector<std::byte> got(early.size());
   ASSERT_TRUE((*leecher)->mount().Read(kChunk * 5 + 10, got).ok());
   EXPECT_EQ(got, early);
+}
+
+TEST_F(MigrationTest, TheSourceSeesTheDestinationsPreCopyProgress) {
+  auto seeder = Seeder::Start(*source_, std::move(source_fd_), Hooks());
+  ASSERT_TRUE(seeder.ok());
+  auto slow = std::make_unique<LeasedRemote>(region_, false, lease_);
+  slow->inner().SetDelay(std::chrono::milliseconds(5));  // 128 chunks, 8 at a time: ~80 ms
+  LeecherOptions o = DestOptions();
+  o.progress_interval = milliseconds(2);
+  auto leecher = Leecher::Start(std::move(slow), std::move(dest_fd_), o);
+  ASSERT_TRUE(leecher.ok()) << leecher.status().ToString();
+  Status ran;
+  std::thread dest([&] { ran = (*leecher)->Run(); });
+  Result<MigrationStats> stats = Internal("not run");
+  std::thread finalize([&] { stats = (*seeder)->Finalize(); });
+  uint64_t partial = 0;  // a report of a pre-copy under way
+  for (int i = 0; i < 100000 && partial == 0 && (*seeder)->progress().destination_ready_bytes == 0; ++i) {
+    const uint64_t local = (*seeder)->progress().destination_local_bytes;
+    if (local > 0 && local < kSize) partial = local;
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+  finalize.join();
+  dest.join();
+  ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+  EXPECT_TRUE(ran.ok()) << ran.ToString();
+  EXPECT_GT(partial, 0u) << "no PROGRESS seen during the pre-copy";
+  EXPECT_EQ((*seeder)->progress().destination_local_bytes, kSize);
 }
 
 TEST_F(MigrationTest, DestinationGoneMidPullLeavesTheSourceRunning) {
