@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cinttypes>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -128,8 +129,10 @@ Result<std::unique_ptr<fabric::Remote>> Open(fabric::Client& client, const Setti
 fabric::MountOptions MountOptionsFor(const Settings& s) {
   fabric::MountOptions o;
   o.chunk_size = s.chunk;
-  o.background_depth = s.depth;
-  o.push_depth = s.push_depth;
+  // 0 keeps MountOptions' defaults (depths of kMountDefaultInFlightBytes).
+  if (s.depth > 0 || s.push_depth > 0) o.in_flight_bytes = 0;
+  if (s.depth > 0) o.background_depth = s.depth;
+  if (s.push_depth > 0) o.push_depth = s.push_depth;
   o.push_interval = s.push_interval;
   return o;
 }
@@ -257,8 +260,8 @@ int Run(int argc, char** argv) {
   std::string block_text = "1M";
   std::vector<double> fractions = {1, 10, 50};
   Settings s;
-  s.depth = fabric::kMountDefaultBackgroundDepth;
-  s.push_depth = fabric::kMountDefaultPushDepth;
+  s.depth = 0;  // MountOptions' defaults
+  s.push_depth = 0;
   int push_interval_ms = 0;
   size_t link_depth = 16;
   double rtt_ms = 0;
@@ -266,8 +269,8 @@ int Run(int argc, char** argv) {
   app.add_option("--fractions", fractions, "percent of the chunks dirtied after pre-copy")->delimiter(',');
   app.add_option("--chunk", chunk_text, "chunk size of both mounts (the dirty-tracking unit)");
   app.add_option("--depth", s.depth,
-                 "background pulls in flight (both mounts; the destination's re-pull too)");
-  app.add_option("--push-depth", s.push_depth, "the source's pushes in flight");
+                 "background pulls in flight (both mounts; the destination's re-pull too); 0: the default");
+  app.add_option("--push-depth", s.push_depth, "the source's pushes in flight; 0: the default");
   app.add_option("--push-interval-ms", push_interval_ms,
                  "the source's background push interval (0: only on sync)");
   app.add_option("--connections", s.connections, "TCP data connections per Remote");
@@ -345,9 +348,15 @@ int Run(int argc, char** argv) {
   std::printf(
       "migration_bench: %s region (memfd), in-process server over TCP loopback%s, %d connections a Remote\n",
       fabric::FormatSize(s.size).c_str(), rtt_label.c_str(), s.connections);
-  std::printf(
-      "mounts: chunk %s, background depth %zu, push depth %zu, push interval %d ms; channel: socketpair\n",
-      fabric::FormatSize(s.chunk).c_str(), s.depth, s.push_depth, push_interval_ms);
+  const fabric::MountOptions used = MountOptionsFor(s);
+  const uint64_t chunks = (s.size + s.chunk - 1) / s.chunk;
+  const auto effective = [&](size_t depth) {  // as Mount::Create raises it
+    return std::max<uint64_t>(depth, std::min<uint64_t>(used.in_flight_bytes / s.chunk, chunks));
+  };
+  std::printf("mounts: chunk %s, background depth %" PRIu64 ", push depth %" PRIu64
+              ", push interval %d ms; channel: socketpair\n",
+              fabric::FormatSize(s.chunk).c_str(), effective(used.background_depth),
+              effective(used.push_depth), push_interval_ms);
   std::printf("link (same run, %s requests at QD%zu, best of %d): write %.0f MB/s, read %.0f MB/s\n",
               block_text.c_str(), link_depth, kLinkRuns, write_bps / 1e6, read_bps / 1e6);
   std::printf(

@@ -52,7 +52,7 @@ double Seconds(Clock::time_point since) {
 struct MountConfig {
   std::string text;  // as given, e.g. "1M:64"
   size_t chunk = 0;
-  size_t depth = 0;
+  size_t depth = 0;  // 0: MountOptions' default (a depth of kMountDefaultInFlightBytes)
 };
 
 Result<MountConfig> ParseMountConfig(const std::string& text) {
@@ -61,6 +61,7 @@ Result<MountConfig> ParseMountConfig(const std::string& text) {
   MF_ASSIGN_OR_RETURN(uint64_t chunk, fabric::ParseSize(text.substr(0, colon)));
   size_t depth = 0;
   const std::string d = text.substr(colon + 1);
+  if (d == "default") return MountConfig{text, chunk, 0};
   auto [end, error] = std::from_chars(d.data(), d.data() + d.size(), depth);
   if (error != std::errc() || end != d.data() + d.size() || depth == 0)
     return InvalidArgument("--mounts: bad depth in " + text);
@@ -119,7 +120,10 @@ Result<double> MountRead(fabric::Remote& remote, uint64_t size, size_t block, co
   std::vector<std::byte> out(block);
   fabric::MountOptions options;
   options.chunk_size = config.chunk;
-  options.background_depth = config.depth;
+  if (config.depth > 0) {
+    options.background_depth = config.depth;
+    options.in_flight_bytes = 0;  // exactly the depth asked for
+  }
   options.read_only = true;
   const auto start = Clock::now();
   MF_ASSIGN_OR_RETURN(auto mount, fabric::Mount::Create(remote, options));
@@ -203,7 +207,7 @@ int Run(int argc, char** argv) {
   std::string size_text = "256M";
   std::string block_text = "1M";
   std::vector<double> rtts = {0, 1, 5, 20};
-  std::vector<std::string> mount_texts = {"64K:8", "64K:128", "1M:4", "1M:64"};
+  std::vector<std::string> mount_texts = {"64K:default", "64K:8", "1M:4", "1M:64"};
   size_t depth = 4;
   int connections = 4;
   std::string buffer_text = "32M";
@@ -212,7 +216,9 @@ int Run(int argc, char** argv) {
   app.add_option("--block", block_text, "request size of the direct reads and of the app's Mount::Read");
   app.add_option("--rtts", rtts, "added round-trip times in ms (0 still goes through the proxy)")
       ->delimiter(',');
-  app.add_option("--mounts", mount_texts, "mount configurations CHUNK:BACKGROUND_DEPTH")->delimiter(',');
+  app.add_option("--mounts", mount_texts,
+                 "mount configurations CHUNK:BACKGROUND_DEPTH (DEPTH 'default': MountOptions' own)")
+      ->delimiter(',');
   app.add_option("--depth", depth, "direct reads in flight (the QDn column)");
   app.add_option("--connections", connections, "TCP data connections of the client");
   app.add_option("--proxy-buffer", buffer_text, "bytes the proxy holds per direction of a connection");
@@ -322,7 +328,7 @@ int Run(int argc, char** argv) {
       std::printf(" %13.0f %5.2fx", mbs, mbs / qdn_mbs);
       std::fflush(stdout);
       // What a mount can pull at most: depth chunks per round trip.
-      if (row.rtt_ms > 0) {
+      if (row.rtt_ms > 0 && m.depth > 0) {
         const double cap = static_cast<double>(m.chunk * m.depth) / (row.rtt_ms / 1000) / 1e6;
         if (cap < 2 * mbs) {
           char note[160];

@@ -61,6 +61,11 @@ Result<std::unique_ptr<Mount>> Mount::Create(Remote& remote, MountOptions option
     return InvalidArgument("demand, background and push depths must be at least 1");
   }
   if (options.max_pull_attempts == 0) return InvalidArgument("max_pull_attempts must be at least 1");
+  const uint64_t chunks = (remote.size() + options.chunk_size - 1) / options.chunk_size;
+  const size_t budget_depth =
+      static_cast<size_t>(std::min<uint64_t>(options.in_flight_bytes / options.chunk_size, chunks));
+  if (options.background_pull) options.background_depth = std::max(options.background_depth, budget_depth);
+  options.push_depth = std::max(options.push_depth, budget_depth);
   std::unique_ptr<Mount> m(new Mount(remote, std::move(options)));
   MF_RETURN_IF_ERROR(m->Init());
   return m;
@@ -69,6 +74,9 @@ Result<std::unique_ptr<Mount>> Mount::Create(Remote& remote, MountOptions option
 Status Mount::Init() {
   if (options_.path.empty()) {
     MF_ASSIGN_OR_RETURN(memory_, MappedMemory::Anonymous(size_));
+    // Huge pages where the kernel allows: filling fresh memory a 4 KiB page at a time costs
+    // several times the copy itself. Advice only; refused is fine.
+    (void)::madvise(memory_.data(), size_, MADV_HUGEPAGE);
   } else {
     file_.Reset(::open(options_.path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
     if (!file_) return Status::FromErrno(errno, "open " + options_.path);

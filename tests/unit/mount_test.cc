@@ -106,6 +106,7 @@ TEST_P(MountChunkTest, RandomReadsAndWritesEqualAReferenceAfterSync) {
   MountOptions o;
   o.chunk_size = GetParam();
   o.background_depth = 2;
+  o.in_flight_bytes = 0;  // exactly this depth
   auto m = MountOf(remote, o);
   ASSERT_NE(m, nullptr);
   std::vector<std::byte> local = reference_;  // what reads through the mount must see
@@ -146,6 +147,7 @@ TEST_F(MountTest, ReadsBeforeTheBackgroundPullFinishesAreCorrect) {
   MountOptions o;
   o.chunk_size = 16u << 10;  // 256 chunks: ~500 ms of background pull
   o.background_depth = 1;
+  o.in_flight_bytes = 0;  // exactly this depth
   auto m = MountOf(remote, o);
   ASSERT_NE(m, nullptr);
   std::mt19937_64 rng(5);
@@ -167,6 +169,7 @@ TEST_F(MountTest, AReadOfAFarChunkJumpsTheQueue) {
   remote.SetDelay(milliseconds(5));
   MountOptions o;
   o.background_depth = 2;  // 64 chunks at 5 ms each: ~320 ms for the whole region
+  o.in_flight_bytes = 0;   // exactly this depth
   auto m = MountOf(remote, o);
   ASSERT_NE(m, nullptr);
   std::vector<std::byte> buf(100);
@@ -219,6 +222,7 @@ TEST_F(MountTest, PrioritizeMovesChunksToTheFront) {
   remote.inner().SetDelay(milliseconds(3));
   MountOptions o;
   o.background_depth = 1;
+  o.in_flight_bytes = 0;  // exactly this depth
   auto m = MountOf(remote, o);
   ASSERT_NE(m, nullptr);
   m->Prioritize(kSize - 3 * kMountDefaultChunkSize, 3 * kMountDefaultChunkSize);
@@ -329,6 +333,7 @@ TEST_F(MountTest, TransientPullFailuresAreRetried) {
   remote.FailNext(5, Unavailable("injected"));
   MountOptions o;
   o.background_depth = 1;  // retries land on different chunks' single attempts
+  o.in_flight_bytes = 0;   // exactly this depth
   o.max_pull_attempts = 6;
   auto m = MountOf(remote, o);
   ASSERT_NE(m, nullptr);
