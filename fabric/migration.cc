@@ -680,9 +680,9 @@ Status Leecher::Run() {
   }
   stats_.repull_ns = NanosSince(t);
   stats_.repull_bytes = mount_->stats().bytes_pulled - pulled_before;
-  (void)read_only_->Close();
   Status sent = channel_.Send(wire::MakeDone({stats_.lease_ns, stats_.repull_ns, stats_.repull_bytes}),
                               options_.io_timeout);
+  (void)read_only_->Close();  // after DONE: its round trip is not part of the downtime
   // This side holds the lease: it is the writer now even if the source missed DONE (the
   // source cannot re-take the lease and stays suspended).
   if (!sent.ok()) spdlog::warn("migration: DONE not delivered: {}", sent.ToString());
