@@ -19,10 +19,10 @@
 #include <cstring>
 #include <map>
 #include <memory>
-#include <tuple>
 #include <numeric>
 #include <random>
 #include <thread>
+#include <tuple>
 
 #include "fabric/log.h"
 #include "fabric/server.h"
@@ -163,7 +163,8 @@ int Run(int argc, char** argv) {
   for (const std::string& scheme_text : scheme_texts) {
     auto url = fabric::ParseUrl(scheme_text + "://" + host + ":" + std::to_string((*tcp_server)->port()));
     if (!url.ok()) {
-      std::fprintf(stderr, "uffd_bench: --schemes %s: %s\n", scheme_text.c_str(), url.status().ToString().c_str());
+      std::fprintf(stderr, "uffd_bench: --schemes %s: %s\n", scheme_text.c_str(),
+                   url.status().ToString().c_str());
       return 2;
     }
     transports::ClientOptions copts;
@@ -193,9 +194,10 @@ int Run(int argc, char** argv) {
   // mapping MB/s without and with prefetch, per plane, chunk and order
   std::map<std::tuple<std::string, std::string, std::string>, std::pair<double, double>> results;
   for (Plane& plane : planes) {
-    std::printf("first-touch scan of %s, uffd Mapping over %s (%s, %d connections) vs raw local uffd handler\n",
-                fabric::FormatSize(*size).c_str(), std::string(plane.remote->transport()).c_str(), host.c_str(),
-                connections);
+    std::printf(
+        "first-touch scan of %s, uffd Mapping over %s (%s, %d connections) vs raw local uffd handler\n",
+        fabric::FormatSize(*size).c_str(), std::string(plane.remote->transport()).c_str(), host.c_str(),
+        connections);
     std::printf("%-6s %-6s %12s %14s %7s %16s %7s %12s\n", "chunk", "order", "raw MB/s", "mapping MB/s",
                 "ratio", "+prefetch MB/s", "ratio", "vs raw 4K");
     double raw4k_seq = 0;
@@ -222,8 +224,8 @@ int Run(int argc, char** argv) {
         if (*chunk == 4096 && order == &sequential) raw4k_seq = mb / *raw;
         const double r = mb / *raw, p = mb / *plain, f = mb / *pre;
         results[{plane.name, ct, name}] = {p, f};
-        std::printf("%-6s %-6s %12.0f %14.0f %6.2fx %16.0f %6.2fx %11.2fx\n", ct.c_str(), name, r, p, p / r, f,
-                    f / r, raw4k_seq > 0 ? f / raw4k_seq : 0.0);
+        std::printf("%-6s %-6s %12.0f %14.0f %6.2fx %16.0f %6.2fx %11.2fx\n", ct.c_str(), name, r, p, p / r,
+                    f, f / r, raw4k_seq > 0 ? f / raw4k_seq : 0.0);
         std::fflush(stdout);
       }
     }
@@ -238,8 +240,8 @@ int Run(int argc, char** argv) {
       for (const char* name : {"seq", "random"}) {
         auto [pa, fa] = results[{a, ct, name}];
         auto [pb, fb] = results[{b, ct, name}];
-        std::printf("%-6s %-6s %14.0f %14.0f %6.2fx %16.0f %16.0f %6.2fx\n", ct.c_str(), name, pa, pb, pa / pb, fa,
-                    fb, fa / fb);
+        std::printf("%-6s %-6s %14.0f %14.0f %6.2fx %16.0f %16.0f %6.2fx\n", ct.c_str(), name, pa, pb,
+                    pa / pb, fa, fb, fa / fb);
       }
     }
   }
