@@ -208,4 +208,25 @@ Result<uint64_t> ParseByteCount(std::string_view what, std::string_view text) {
   return value;
 }
 
+Result<std::chrono::milliseconds> ParseDuration(std::string_view text) {
+  std::string_view digits = text;
+  int scale = 1000;
+  if (text.size() > 2 && text.substr(text.size() - 2) == "ms") {
+    digits = text.substr(0, text.size() - 2);
+    scale = 1;
+  } else if (!text.empty() && text.back() == 's') {
+    digits = text.substr(0, text.size() - 1);
+  }
+  uint64_t value = 0;
+  for (char c : digits) {
+    if (c < '0' || c > '9' || value > 1'000'000'000) {
+      return InvalidArgument("bad duration '" + std::string(text) + "': use e.g. 2s or 500ms");
+    }
+    value = value * 10 + static_cast<uint64_t>(c - '0');
+  }
+  if (digits.empty())
+    return InvalidArgument("bad duration '" + std::string(text) + "': use e.g. 2s or 500ms");
+  return std::chrono::milliseconds(static_cast<int64_t>(value) * scale);
+}
+
 }  // namespace mf::cli

@@ -38,6 +38,8 @@ constexpr char kNbdFooter[] = R"(Examples:
   memfabric nbd tcp://10.0.0.5:7411/disk --writable --listen 0.0.0.0:10809
   qemu-system-x86_64 -drive file=nbd://this-host:10809/disk,format=raw ...
   nbd-client this-host 10809 /dev/nbd0 -N disk
+  # on a local copy (pulled in the background, writes pushed every 2 s), progress each second
+  memfabric nbd tcp://10.0.0.5:7411/disk --writable --listen 127.0.0.1:10809 --cache --push-interval 2s
 The export is named after the region (also the default export, ""). Runs until SIGINT/SIGTERM.)";
 
 constexpr char kSwapFooter[] = R"(Examples:
@@ -57,6 +59,7 @@ struct NbdServeFlags {
   std::string name;
   bool writable = false;
   int connections = 4;
+  CacheFlags cache;
 };
 
 struct SwapFlags {
@@ -92,11 +95,23 @@ int WaitForStopSignal(const sigset_t& set) {
 struct Opened {
   fabric::Url url;
   std::unique_ptr<fabric::Client> client;
-  std::unique_ptr<fabric::Remote> remote;
+  std::unique_ptr<fabric::Remote> remote;  // with --cache, the MountRemote over the region
+  fabric::MountRemote* cache = nullptr;    // with --cache: remote
 };
 
+// Exits on SIGINT/SIGTERM: detach, stop or close (with the cache's final sync) come after.
+int WaitForStop(const sigset_t& stop, const Opened& opened) {
+  return opened.cache ? WaitForStopShowingProgress(stop, *opened.cache) : WaitForStopSignal(stop);
+}
+
+int CloseRegion(std::string_view command, const Opened& opened) {
+  if (opened.cache) return CloseCache(command, *opened.cache);
+  if (Status closed = opened.remote->Close(); !closed.ok()) return Report(command, closed);
+  return kExitOk;
+}
+
 int OpenRegion(std::string_view command, const TargetFlags& target, bool writable, int connections,
-               Opened* out) {
+               const CacheFlags& cache, Opened* out) {
   if (int rc = StartClient(command, target.url, true, target.client, &out->url, &out->client);
       rc != kExitOk) {
     return rc;
@@ -108,7 +123,7 @@ int OpenRegion(std::string_view command, const TargetFlags& target, bool writabl
   if (!remote.ok())
     return Report(command, remote.status(), HintFor(remote.status(), out->url, target.client));
   out->remote = std::move(remote).value();
-  return kExitOk;
+  return OpenCache(command, cache, fabric::kMountDefaultChunkSize, &out->remote, &out->cache);
 }
 
 std::string DeviceHint(const Status& status) {
@@ -142,7 +157,8 @@ int AttachRegion(std::string_view command, const NbdAttachFlags& flags, Opened* 
   if (Status module = nbd::Device::EnsureModule(); !module.ok()) {
     return Report(command, module, DeviceHint(module));
   }
-  if (int rc = OpenRegion(command, flags.target, flags.writable, flags.connections, opened); rc != kExitOk) {
+  if (int rc = OpenRegion(command, flags.target, flags.writable, flags.connections, flags.cache, opened);
+      rc != kExitOk) {
     return rc;
   }
   auto attached = nbd::Device::Attach(*opened->remote, options);
@@ -165,7 +181,8 @@ void PrintDevice(const nbd::Device& device, const Opened& opened, bool read_only
 int RunNbdServe(const NbdServeFlags& flags) {
   const sigset_t stop = BlockStopSignals();  // before any thread exists
   Opened opened;
-  if (int rc = OpenRegion(kNbdCmd, flags.target, flags.writable, flags.connections, &opened); rc != kExitOk) {
+  if (int rc = OpenRegion(kNbdCmd, flags.target, flags.writable, flags.connections, flags.cache, &opened);
+      rc != kExitOk) {
     return rc;
   }
   nbd::Export exporter;
@@ -196,14 +213,13 @@ int RunNbdServe(const NbdServeFlags& flags) {
   }
   spdlog::info("serving '{}' ({}, {}) at {}", name, fabric::FormatSize(opened.remote->size()),
                opened.remote->writable() ? "read-write" : "read-only", where);
-  const int received = WaitForStopSignal(stop);
+  const int received = WaitForStop(stop, opened);
   spdlog::info("{}: stopping", received == SIGINT ? "SIGINT" : "SIGTERM");
   exporter.Stop();
   const nbd::ExportStats s = exporter.stats();
   spdlog::info("served {} connections, {} requests ({} failed)", s.connections_accepted, s.requests,
                s.request_errors);
-  if (Status closed = opened.remote->Close(); !closed.ok()) return Report(kNbdCmd, closed);
-  return kExitOk;
+  return CloseRegion(kNbdCmd, opened);
 }
 
 // ---- swap ---------------------------------------------------------------------------------
@@ -275,14 +291,13 @@ int RunNbdMount(const NbdAttachFlags& flags) {
   std::unique_ptr<nbd::Device> device;
   if (int rc = AttachRegion(kMountCmd, flags, &opened, &device); rc != kExitOk) return rc;
   PrintDevice(*device, opened, !opened.remote->writable());
-  const int received = WaitForStopSignal(stop);
+  const int received = WaitForStop(stop, opened);
   std::fprintf(stderr, "%s: detaching %s\n", received == SIGINT ? "SIGINT" : "SIGTERM",
                device->path().c_str());
   if (Status detached = device->Detach(); !detached.ok()) {
     return Report(kMountCmd, detached, "unmount it (umount) or close the programs using it, then it is free");
   }
-  if (Status closed = opened.remote->Close(); !closed.ok()) return Report(kMountCmd, closed);
-  return kExitOk;
+  return CloseRegion(kMountCmd, opened);
 }
 
 void AddNbdCommands(CLI::App& app, std::vector<Command>& commands) {
@@ -302,6 +317,7 @@ void AddNbdCommands(CLI::App& app, std::vector<Command>& commands) {
     sub->add_option("--connections", flags->connections, "Data connections to the server")
         ->check(CLI::Range(1, 64))
         ->capture_default_str();
+    AddCacheFlags(*sub, flags->cache);
     AddClientFlags(*sub, flags->target.client);
     commands.push_back({sub, [flags] { return RunNbdServe(*flags); }});
   }

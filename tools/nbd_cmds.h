@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "tools/cli_common.h"
+#include "tools/mount_cache.h"
 
 namespace mf::cli {
 
@@ -18,6 +19,7 @@ struct NbdAttachFlags {
   bool writable = false;
   bool reclaim = false;
   int connections = 4;  // data connections to the server, and NBD connections to the kernel
+  CacheFlags cache;     // mount --nbd --cache: the device sits on a managed mount
 };
 
 // Registers `nbd` and `swap`.

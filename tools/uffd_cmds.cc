@@ -11,11 +11,13 @@
 #include <chrono>
 #include <cstring>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <thread>
 
 #include "fabric/region.h"
 #include "tools/cli_common.h"
+#include "tools/mount_cache.h"
 #include "tools/nbd_cmds.h"
 #include "uffd/mapping.h"
 
@@ -38,6 +40,10 @@ constexpr char kMountFooter[] = R"(Examples:
   # as a block device (root): prints /dev/nbdX, detaches on Ctrl-C or SIGTERM
   memfabric mount --nbd tcp://10.0.0.5:7411/disk --writable
   memfabric mount --nbd tcp://10.0.0.5:7411/disk /dev/nbd3 --reclaim   # take nbd3 back from a crash
+  # on a local copy in a file, pulled in the background; progress (local, dirty, rates) each second
+  memfabric mount --uffd tcp://10.0.0.5:7411/cache --writable --hold --sync-interval 2s \
+      --cache --cache-file /var/tmp/cache.img
+  memfabric mount --nbd tcp://10.0.0.5:7411/disk --writable --cache --push-interval 5s
 The mapping lives in this process: a program that wants the memory itself links the
 library (uffd::Mapping); any program can use the --nbd block device.)";
 
@@ -56,28 +62,8 @@ struct MountFlags {
   std::string length;
   std::string sync_interval = "0";
   int connections = 4;
+  CacheFlags cache;
 };
-
-Result<std::chrono::milliseconds> ParseDuration(std::string_view text) {
-  std::string_view digits = text;
-  int scale = 1000;
-  if (text.size() > 2 && text.substr(text.size() - 2) == "ms") {
-    digits = text.substr(0, text.size() - 2);
-    scale = 1;
-  } else if (!text.empty() && text.back() == 's') {
-    digits = text.substr(0, text.size() - 1);
-  }
-  uint64_t value = 0;
-  for (char c : digits) {
-    if (c < '0' || c > '9' || value > 1'000'000'000) {
-      return InvalidArgument("bad duration '" + std::string(text) + "': use e.g. 2s or 500ms");
-    }
-    value = value * 10 + static_cast<uint64_t>(c - '0');
-  }
-  if (digits.empty())
-    return InvalidArgument("bad duration '" + std::string(text) + "': use e.g. 2s or 500ms");
-  return std::chrono::milliseconds(static_cast<int64_t>(value) * scale);
-}
 
 std::string Progress(const uffd::MappingStats& s) {
   return fmt::format(
@@ -88,12 +74,13 @@ std::string Progress(const uffd::MappingStats& s) {
 
 struct Opened {
   std::unique_ptr<fabric::Client> client;
-  std::unique_ptr<fabric::Remote> remote;
+  std::unique_ptr<fabric::Remote> remote;  // with --cache, the MountRemote over the region
+  fabric::MountRemote* cache = nullptr;    // with --cache: remote
   std::unique_ptr<uffd::Mapping> mapping;
 };
 
 int OpenMapping(std::string_view command, const TargetFlags& target, bool writable, int connections,
-                const uffd::MappingOptions& options, Opened* out) {
+                const uffd::MappingOptions& options, Opened* out, const CacheFlags& cache = {}) {
   fabric::Url url;
   if (int rc = StartClient(command, target.url, true, target.client, &url, &out->client); rc != kExitOk)
     return rc;
@@ -103,6 +90,8 @@ int OpenMapping(std::string_view command, const TargetFlags& target, bool writab
   auto remote = out->client->Open(url.region, open);
   if (!remote.ok()) return Report(command, remote.status(), HintFor(remote.status(), url, target.client));
   out->remote = std::move(remote).value();
+  if (int rc = OpenCache(command, cache, options.chunk_size, &out->remote, &out->cache); rc != kExitOk)
+    return rc;
   auto mapping = uffd::Mapping::Create(*out->remote, options);
   if (!mapping.ok()) return Report(command, mapping.status().WithContext("mapping " + url.region));
   out->mapping = std::move(mapping).value();
@@ -117,7 +106,8 @@ int RunMount(const MountFlags& flags) {
     if (!flags.fill.empty() || flags.hold || flags.sync_interval != "0") {
       return Report(kMountCmd, InvalidArgument("--fill, --hold and --sync-interval go with --uffd only"));
     }
-    return RunNbdMount({flags.target, flags.device, flags.writable, flags.reclaim, flags.connections});
+    return RunNbdMount(
+        {flags.target, flags.device, flags.writable, flags.reclaim, flags.connections, flags.cache});
   }
   if (!flags.device.empty() || flags.reclaim) {
     return Report(kMountCmd, InvalidArgument("DEVICE and --reclaim go with --nbd only"));
@@ -132,14 +122,15 @@ int RunMount(const MountFlags& flags) {
   }
   uffd::MappingOptions options;
   options.chunk_size = *chunk;
-  options.prefetch = !flags.no_prefetch;
+  options.prefetch = !flags.no_prefetch && !flags.cache.cache;  // a cache pulls in the background
   options.sync_interval = *interval;
 
   // Before any thread exists, so that only the main thread takes SIGINT/SIGTERM.
   const sigset_t stop = BlockStopSignals();
 
   Opened o;
-  if (int rc = OpenMapping(kMountCmd, flags.target, flags.writable, flags.connections, options, &o);
+  if (int rc =
+          OpenMapping(kMountCmd, flags.target, flags.writable, flags.connections, options, &o, flags.cache);
       rc != kExitOk) {
     return rc;
   }
@@ -186,15 +177,19 @@ int RunMount(const MountFlags& flags) {
   if (flags.hold) {
     std::fprintf(stderr, "holding the mapping; Ctrl-C or SIGTERM ends it%s\n",
                  flags.writable ? " after a final sync" : "");
+    std::optional<CacheProgress> cache_progress;
+    if (o.cache) cache_progress.emplace(o.cache->mount());
     timespec tick{std::chrono::duration_cast<std::chrono::seconds>(kHoldInterval).count(), 0};
     for (;;) {
       int sig = sigtimedwait(&stop, nullptr, &tick);
       if (sig == SIGINT || sig == SIGTERM) break;
       std::fprintf(stderr, "%s\n", Progress(m.stats()).c_str());
+      if (cache_progress) std::fprintf(stderr, "%s\n", cache_progress->Line().c_str());
     }
   }
   Status closed = m.Close();
   if (!closed.ok()) return Report(kMountCmd, closed.WithContext("final sync"));
+  if (o.cache) return CloseCache(kMountCmd, *o.cache);
   return kExitOk;
 }
 
@@ -281,6 +276,7 @@ void AddMountCommand(CLI::App& app, std::vector<Command>& commands) {
   sub->add_option("--connections", flags->connections, "Data connections")
       ->check(CLI::Range(1, 64))
       ->capture_default_str();
+  AddCacheFlags(*sub, flags->cache);
   AddClientFlags(*sub, flags->target.client);
   commands.push_back({sub, [flags] { return RunMount(*flags); }});
 }

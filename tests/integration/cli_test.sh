@@ -347,6 +347,73 @@ if command -v openssl >/dev/null; then
   stop_server
 fi
 
+# ---- --cache: the views on a managed mount (a local copy pulled in the background) ------
+start_server
+run mount-cache-fill "$MF" mount --uffd "$URL/data" --writable --cache --fill 0x33 --offset 64K --length 64K \
+  "${C[@]}"
+expect_rc mount-cache-fill 0
+expect_in mount-cache-fill err "cache of 'data': 4 MiB, chunk 64 KiB, local copy in memory"
+expect_in mount-cache-fill err "over mount\+tcp: chunk 64 KiB, prefetch off"
+expect_in mount-cache-fill err "cache: pushed 64 KiB \(1 chunks"
+run after-cache-fill "$MF" read "$URL/data" 64K 64K "${C[@]}"
+if cmp -s "$WORK/after-cache-fill.out" <(head -c 65536 /dev/zero | tr '\0' '3'); then
+  pass "mount-cache-fill: the server holds the bytes written through the cache"
+else
+  fail "mount-cache-fill: the server does not hold the bytes written through the cache"
+fi
+run nbd-cache-alone "$MF" nbd "$URL/data" --listen "unix:$WORK/unused.sock" --push-interval 2s "${C[@]}"
+expect_rc nbd-cache-alone 2
+expect_in nbd-cache-alone err "go with --cache"
+if command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null; then
+  CACHE_SOCK="$WORK/nbd-cache.sock"
+  CACHE_URI="nbd+unix:///data?socket=$CACHE_SOCK"
+  "$MF" nbd "$URL/data" --listen "unix:$CACHE_SOCK" --writable --cache --cache-file "$WORK/cache.img" \
+    --push-interval 10s "${C[@]}" 2>"$WORK/nbd-cache.log" &
+  NBD_PID=$!
+  for ((i = 0; i < SERVER_WAIT_TRIES; i++)); do
+    [[ -S "$CACHE_SOCK" ]] && break
+    sleep 0.1
+  done
+  run nbd-cache-info nbdinfo --json "$CACHE_URI"
+  expect_rc nbd-cache-info 0
+  expect_in nbd-cache-info out '"export-size": 4194304'
+  head -c 2097152 /dev/urandom >"$WORK/cache-pattern"
+  run nbd-cache-copy nbdcopy --flush "$WORK/cache-pattern" "$CACHE_URI"
+  expect_rc nbd-cache-copy 0
+  # The push interval is long: the flush is what put the bytes on the server.
+  run nbd-cache-server "$MF" read "$URL/data" 0 2M "${C[@]}"
+  if cmp -s "$WORK/cache-pattern" "$WORK/nbd-cache-server.out"; then
+    pass "nbd --cache: the server holds what nbdcopy wrote after its flush"
+  else
+    fail "nbd --cache: the server does not hold what nbdcopy wrote after its flush"
+  fi
+  run nbd-cache-back nbdcopy "$CACHE_URI" -
+  expect_rc nbd-cache-back 0
+  if cmp -s -n 2097152 "$WORK/cache-pattern" "$WORK/nbd-cache-back.out"; then
+    pass "nbd --cache: reads back what nbdcopy wrote"
+  else
+    fail "nbd --cache: reads back other bytes"
+  fi
+  if cmp -s -n 2097152 "$WORK/cache-pattern" "$WORK/cache.img"; then
+    pass "nbd --cache: the --cache-file holds the local copy"
+  else
+    fail "nbd --cache: the --cache-file lacks the written bytes"
+  fi
+  sleep 1.5  # at least one progress line
+  kill -TERM "$NBD_PID"
+  rc=0
+  wait "$NBD_PID" || rc=$?
+  NBD_PID=""
+  if ((rc == 0)); then pass "nbd --cache: exit 0 on SIGTERM"; else fail "nbd --cache: exit $rc on SIGTERM"; fi
+  cp "$WORK/nbd-cache.log" "$WORK/nbd-cache.err"
+  expect_in nbd-cache err "cache of 'data': 4 MiB, chunk 64 KiB, local copy in $WORK/cache.img, writes pushed every 10000 ms"
+  expect_in nbd-cache err "^cache: local 100% \(4 MiB of 4 MiB\), dirty 0 B, pull [0-9.]+ MB/s, push [0-9.]+ MB/s$"
+  expect_in nbd-cache err "^cache: pushed 2 MiB \(32 chunks, [0-9.]+ MB/s\), pulled [0-9.]+ [KM]i?B"
+else
+  echo "skip nbd --cache: nbdinfo/nbdcopy (libnbd-bin) not installed"
+fi
+stop_server
+
 # ---- migrate: recv and send as two processes over loopback TCP ------------------------
 MIG_RECV_PID=""
 MIG_SEND_PID=""

@@ -8,7 +8,9 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <random>
 #include <string>
 
 #include "fabric/server.h"
@@ -77,6 +79,36 @@ inline fabric::Scheme TestScheme() {
   if (v == "rdma") return fabric::Scheme::kRdma;
   if (v == "auto") return fabric::Scheme::kAuto;
   return fabric::Scheme::kTcp;
+}
+
+// Creates region `name` (memfd) filled with a pattern from `seed`; returns a handle on
+// it through which a test reads what the server holds.
+inline fabric::RegionHandle CreateSeededRegion(TestServers& s, const std::string& name, size_t size,
+                                               uint64_t seed) {
+  EXPECT_TRUE(s.server->Create({name, size, fabric::BackingKind::kMemfd, ""}).ok());
+  auto h = s.server->Open(name, false);
+  EXPECT_TRUE(h.ok()) << h.status().ToString();
+  if (!h.ok()) return {};
+  std::mt19937_64 rng(seed);
+  for (size_t i = 0; i + 8 <= size; i += 8) {
+    const uint64_t v = rng();
+    std::memcpy(h->region()->data() + i, &v, 8);
+  }
+  return std::move(h).value();
+}
+
+// Region `name` opened by a new client of the server on TestScheme(); null (and a test
+// failure) on error.
+inline std::unique_ptr<fabric::Remote> OpenRegion(const TestServers& s, const std::string& name,
+                                                  bool writable) {
+  auto client = transports::Connect(s.url(TestScheme()), tcp::testing::ClientOpts());
+  EXPECT_TRUE(client.ok()) << client.status().ToString();
+  if (!client.ok()) return nullptr;
+  fabric::OpenOptions o;
+  o.writable = writable;
+  auto remote = (*client)->Open(name, o);
+  EXPECT_TRUE(remote.ok()) << remote.status().ToString();
+  return remote.ok() ? std::move(remote).value() : nullptr;
 }
 
 }  // namespace mf::testing
