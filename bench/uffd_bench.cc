@@ -86,11 +86,15 @@ Result<double> RawScan(const std::byte* source, size_t size, size_t chunk,
   return seconds;
 }
 
+// The fault thread's spin after each fault or completion (MappingOptions::poll_spin).
+std::chrono::microseconds g_poll_spin = uffd::kDefaultPollSpin;
+
 Result<double> MappingScan(fabric::Remote& remote, const fabric::Region& region, size_t chunk, bool prefetch,
                            const std::vector<uint32_t>& order) {
   uffd::MappingOptions options;
   options.chunk_size = chunk;
   options.prefetch = prefetch;
+  options.poll_spin = g_poll_spin;
   MF_ASSIGN_OR_RETURN(auto mapping, uffd::Mapping::Create(remote, options));
   double seconds = Scan(mapping->data(), order);
   if (std::memcmp(mapping->data(), region.data(), std::min<size_t>(region.size(), 1 << 20)) != 0 ||
@@ -114,7 +118,11 @@ int Run(int argc, char** argv) {
   app.add_option("--size", size_text, "bytes to scan (K/M/G)");
   app.add_option("--chunks", chunk_texts, "chunk sizes")->delimiter(',');
   app.add_option("--connections", connections, "TCP data connections");
+  int64_t poll_spin_us = uffd::kDefaultPollSpin.count();
+  app.add_option("--poll-spin", poll_spin_us, "microseconds the fault thread spins (0: it always sleeps)")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  g_poll_spin = std::chrono::microseconds(poll_spin_us);
   (void)InitLogging("warn");
 
   auto size = fabric::ParseSize(size_text);
@@ -195,9 +203,10 @@ int Run(int argc, char** argv) {
   std::map<std::tuple<std::string, std::string, std::string>, std::pair<double, double>> results;
   for (Plane& plane : planes) {
     std::printf(
-        "first-touch scan of %s, uffd Mapping over %s (%s, %d connections) vs raw local uffd handler\n",
+        "first-touch scan of %s, uffd Mapping over %s (%s, %d connections, fault thread spins %lld us) vs "
+        "raw local uffd handler\n",
         fabric::FormatSize(*size).c_str(), std::string(plane.remote->transport()).c_str(), host.c_str(),
-        connections);
+        connections, static_cast<long long>(g_poll_spin.count()));
     std::printf("%-6s %-6s %12s %14s %7s %16s %7s %12s\n", "chunk", "order", "raw MB/s", "mapping MB/s",
                 "ratio", "+prefetch MB/s", "ratio", "vs raw 4K");
     double raw4k_seq = 0;

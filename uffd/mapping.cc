@@ -15,6 +15,10 @@ namespace {
 
 constexpr size_t kMessageBatch = 64;
 constexpr size_t kScanRegions = 512;
+// While a fault's pull is in flight the fault thread spins at least this long for its
+// reply (a large chunk takes longer than poll_spin), but never longer: a slow server
+// costs a sleeping thread, not a busy core.
+constexpr std::chrono::microseconds kMaxSpinForReply{2000};
 
 }  // namespace
 
@@ -164,12 +168,38 @@ void Mapping::Notify() {
 void Mapping::FaultLoop() {
   uffd_msg messages[kMessageBatch];
   pollfd fds[2] = {{uffd_->fd(), POLLIN, 0}, {wake_fd_.get(), POLLIN, 0}};
+  using Clock = std::chrono::steady_clock;
+  const bool spin = options_.poll_spin.count() > 0;
+  // While spinning, this thread takes the transport's completions (its own thread sleeps).
+  const bool poll_remote = spin && remote_.can_poll();
+  struct CallerPolling {
+    fabric::Remote& remote;
+    bool on = false;
+    void Set(bool want) {
+      if (want != on) remote.SetCallerPolling(want);
+      on = want;
+    }
+    ~CallerPolling() { Set(false); }
+  } caller_polling{remote_};
+  Clock::time_point last_activity{};
   for (;;) {
-    if (::poll(fds, 2, -1) < 0) {
+    const auto now = Clock::now();
+    const bool waiting = fault_pulls_.load(std::memory_order_relaxed) > 0;
+    const bool spinning = spin && now - last_activity < (waiting ? std::max<std::chrono::microseconds>(
+                                                                       options_.poll_spin, kMaxSpinForReply)
+                                                                 : options_.poll_spin);
+    if (poll_remote) {
+      caller_polling.Set(spinning);
+      if (spinning && remote_.Poll() > 0) last_activity = Clock::now();
+    }
+    const int ready = ::poll(fds, 2, spinning ? 0 : -1);
+    if (ready < 0) {
       if (errno == EINTR) continue;
       spdlog::error("uffd mapping: poll failed: {}", std::strerror(errno));
       return;
     }
+    if (ready == 0) continue;  // spinning, nothing new
+    if (spin) last_activity = Clock::now();
     if ((fds[1].revents & POLLIN) != 0) {
       uint64_t count = 0;
       (void)!::read(wake_fd_.get(), &count, sizeof(count));
@@ -360,6 +390,7 @@ void Mapping::StartPull(uint64_t chunk, size_t slot, bool prefetch) {
   Slot& s = pull_slots_[slot];
   s.chunk = chunk;
   s.prefetch = prefetch;
+  if (!prefetch) fault_pulls_.fetch_add(1, std::memory_order_relaxed);
   SubmitChunk(fabric::IoKind::kRead, s, slot, pull_buffer_.data() + slot * chunk_size_, pull_buffer_,
               pull_done_.get());
 }
@@ -408,6 +439,7 @@ void Mapping::OnPullDone(size_t slot, const Status& piece_status) {
     chunks_.Set(ps.chunk, fabric::ChunkState::kFailed);
     FailChunk(ps.chunk);
   }
+  if (!ps.prefetch) fault_pulls_.fetch_sub(1, std::memory_order_relaxed);
   bool wake_fault_thread = false;
   {
     MutexLock lock(mu_);
