@@ -923,8 +923,11 @@ Status Export::Connection::ReadInput(std::span<std::byte> out) {
   input_begin_ = input_end_ = 0;
   DrainInline();  // about to block on the socket: answer what is done first
   if (out.size() >= input_.size()) return RecvAll(fd(), out);  // big payloads go straight in
+  const auto spin_until = std::chrono::steady_clock::now() + owner_.options_.recv_spin;
   while (input_end_ < out.size()) {
-    ssize_t n = ::recv(fd(), input_.data() + input_end_, input_.size() - input_end_, 0);
+    const bool spin = std::chrono::steady_clock::now() < spin_until;
+    ssize_t n = ::recv(fd(), input_.data() + input_end_, input_.size() - input_end_, spin ? MSG_DONTWAIT : 0);
+    if (n < 0 && spin && (errno == EAGAIN || errno == EWOULDBLOCK)) continue;
     if (n < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK)
