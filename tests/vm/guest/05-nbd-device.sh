@@ -116,14 +116,25 @@ mkdir "$DIR/mnt/sub" && echo hello >"$DIR/mnt/sub/hello"
 (cd "$DIR/mnt" && find . -type f -exec sha256sum {} + >"$DIR/sums")
 umount "$DIR/mnt" || fail "umount $DEV"
 detach "$attached_pid" "$DEV"
-attach "$DIR/dev2" "$URL/disk" "$DEV" --writable
+# The re-attach puts the device on a managed mount (--cache): reads come from the local
+# copy the background pull fills, writes are pushed back on the interval and at detach.
+attach "$DIR/dev2" "$URL/disk" "$DEV" --writable --cache --push-interval 500ms
 [[ $(cat "$DIR/dev2") == "$DEV" ]] || fail "asked for $DEV, got $(cat "$DIR/dev2")"
 mount "$DEV" "$DIR/mnt" || fail "remount $DEV"
-(cd "$DIR/mnt" && sha256sum --quiet -c "$DIR/sums") || fail "files differ after re-attach"
+(cd "$DIR/mnt" && sha256sum --quiet -c "$DIR/sums") || fail "files differ after re-attach (--cache)"
+head -c 300000 /dev/urandom >"$DIR/mnt/cached"
+(cd "$DIR/mnt" && sha256sum cached >>"$DIR/sums")
 umount "$DIR/mnt"
 fsck.ext4 -n "$DEV" >/dev/null || fail "fsck.ext4 found errors"
 detach "$attached_pid" "$DEV"
-echo "$(wc -l <"$DIR/sums") files read back after detach and re-attach"
+grep -q "cache: pushed" "$DIR/dev2.log" || fail "mount --nbd --cache did not report its final push"
+# A plain attach reads what the cached one pushed.
+attach "$DIR/dev2b" "$URL/disk" "$DEV"
+mount -o ro "$DEV" "$DIR/mnt" || fail "mount $DEV read-only"
+(cd "$DIR/mnt" && sha256sum --quiet -c "$DIR/sums") || fail "files written through --cache are not on the server"
+umount "$DIR/mnt"
+detach "$attached_pid" "$DEV"
+echo "$(wc -l <"$DIR/sums") files read back after detach and re-attach, through a managed mount and without"
 
 # ---- 3. reclaim -------------------------------------------------------------------------------
 note "3. SIGKILL a mount --nbd: its device is left behind, named, and reclaimed"
