@@ -7,7 +7,7 @@
 # mount/direct, memcpy baselines and the proxy's own cost at 0 ms.
 #
 # Usage: bench/compare_mount.sh [extra mount_bench flags, e.g. --verbose]
-# Environment: SIZE (256M), RTTS (0,1,5,20 ms), MOUNTS (64K:8,64K:128,1M:4,1M:64), DEPTH (4),
+# Environment: SIZE (256M), RTTS (0,1,5,20 ms), MOUNTS (64K:default,64K:8,1M:4,1M:64), DEPTH (4),
 #   BLOCK (1M), CONNECTIONS (4), BUILD_DIR (build/release, configured with the release preset
 #   when missing), JOBS (build parallelism, nproc),
 #   MOUNT_BENCH=path to a built mount_bench (skips the build).
@@ -16,7 +16,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SIZE=${SIZE:-256M}
 RTTS=${RTTS:-0,1,5,20}
-MOUNTS=${MOUNTS:-64K:8,64K:128,1M:4,1M:64}
+MOUNTS=${MOUNTS:-64K:default,64K:8,1M:4,1M:64}
 DEPTH=${DEPTH:-4}
 BLOCK=${BLOCK:-1M}
 CONNECTIONS=${CONNECTIONS:-4}
