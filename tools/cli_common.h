@@ -95,6 +95,9 @@ sigset_t BlockStopSignals();
 
 // Parses a byte count such as "4096", "64K", "1G" for the option named `what`.
 Result<uint64_t> ParseByteCount(std::string_view what, std::string_view text);
+// Writes "PORT\n" to path atomically (temp file + rename), so a reader never sees half
+// (serve --port-file, migrate recv --port-file).
+Status WritePortFile(const std::string& path, uint16_t port);
 // Parses a duration such as "2s", "500ms" or "0" (seconds without a unit).
 Result<std::chrono::milliseconds> ParseDuration(std::string_view text);
 

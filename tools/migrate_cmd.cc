@@ -293,17 +293,6 @@ Result<uint64_t> ParseChunk(const std::string& text) {
   return chunk;
 }
 
-Status WritePortFile(const std::string& path, uint16_t port) {
-  const std::string temp = path + ".tmp";
-  std::FILE* file = std::fopen(temp.c_str(), "w");
-  if (file == nullptr) return Status::FromErrno(errno, "creating " + temp);
-  const bool written = std::fprintf(file, "%u\n", static_cast<unsigned>(port)) > 0;
-  const bool closed = std::fclose(file) == 0;
-  if (!written || !closed) return Status(Code::kIoError, "writing " + temp);
-  if (std::rename(temp.c_str(), path.c_str()) != 0) return Status::FromErrno(errno, "renaming to " + path);
-  return Status::Ok();
-}
-
 std::string Address(const std::string& host, uint16_t port) {
   return (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + std::to_string(port);
 }

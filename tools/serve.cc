@@ -62,18 +62,6 @@ bool IsLoopback(const std::string& host) {
   return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
 }
 
-// Writes "PORT\n" to path atomically (temp file + rename), so a reader never sees half.
-Status WritePortFile(const std::string& path, uint16_t port) {
-  const std::string temp = path + ".tmp";
-  std::FILE* file = std::fopen(temp.c_str(), "w");
-  if (file == nullptr) return Status::FromErrno(errno, "creating " + temp);
-  const bool written = std::fprintf(file, "%u\n", static_cast<unsigned>(port)) > 0;
-  const bool closed = std::fclose(file) == 0;
-  if (!written || !closed) return Status(Code::kIoError, "writing " + temp);
-  if (std::rename(temp.c_str(), path.c_str()) != 0) return Status::FromErrno(errno, "renaming to " + path);
-  return Status::Ok();
-}
-
 int WaitForStopSignal(const sigset_t& set) {
   int received = 0;
   while (sigwait(&set, &received) != 0) {
