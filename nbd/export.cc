@@ -41,20 +41,26 @@ static_assert(kReplyHeaderCapacity >= kStructuredReplyHeaderSize + kOffsetDataPr
 static_assert(kReplyHeaderCapacity >= kStructuredReplyHeaderSize + 4 + kBlockDescriptorSize);
 static_assert(kInputBufferSize >= kRequestSize && kInputBufferSize >= kOptionHeaderSize);
 
-// Reads exactly buf.size() bytes. kUnavailable on EOF, kTimeout when SO_RCVTIMEO expires.
-Status RecvAll(int fd, std::span<std::byte> buf) {
-  while (!buf.empty()) {
-    ssize_t n = ::recv(fd, buf.data(), buf.size(), 0);
+// One recv of up to buf.size() bytes (at least one). Until *spin_until it polls the
+// socket instead of sleeping, and every arrival moves *spin_until to `spin` from now.
+// kUnavailable on EOF, kTimeout when SO_RCVTIMEO expires.
+Result<size_t> RecvSome(int fd, std::span<std::byte> buf, std::chrono::microseconds spin,
+                        std::chrono::steady_clock::time_point* spin_until) {
+  for (;;) {
+    const bool polling = std::chrono::steady_clock::now() < *spin_until;
+    const ssize_t n = ::recv(fd, buf.data(), buf.size(), polling ? MSG_DONTWAIT : 0);
     if (n < 0) {
       if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK)
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        if (polling) continue;
         return Status(Code::kTimeout, "client sent nothing in time");
+      }
       return Status::FromErrno(errno, "recv");
     }
     if (n == 0) return Status(Code::kUnavailable, "client closed the connection");
-    buf = buf.subspan(static_cast<size_t>(n));
+    *spin_until = std::chrono::steady_clock::now() + spin;
+    return static_cast<size_t>(n);
   }
-  return Status::Ok();
 }
 
 // Sends every byte of iov[0..count), without SIGPIPE. Modifies iov as it goes.
@@ -922,20 +928,18 @@ Status Export::Connection::ReadInput(std::span<std::byte> out) {
   if (out.empty()) return Status::Ok();
   input_begin_ = input_end_ = 0;
   DrainInline();  // about to block on the socket: answer what is done first
-  if (out.size() >= input_.size()) return RecvAll(fd(), out);  // big payloads go straight in
-  const auto spin_until = std::chrono::steady_clock::now() + owner_.options_.recv_spin;
-  while (input_end_ < out.size()) {
-    const bool spin = std::chrono::steady_clock::now() < spin_until;
-    ssize_t n = ::recv(fd(), input_.data() + input_end_, input_.size() - input_end_, spin ? MSG_DONTWAIT : 0);
-    if (n < 0 && spin && (errno == EAGAIN || errno == EWOULDBLOCK)) continue;
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK)
-        return Status(Code::kTimeout, "client sent nothing in time");
-      return Status::FromErrno(errno, "recv");
+  const std::chrono::microseconds spin = owner_.options_.recv_spin;
+  auto spin_until = std::chrono::steady_clock::now() + spin;
+  if (out.size() >= input_.size()) {  // big payloads go straight in
+    while (!out.empty()) {
+      MF_ASSIGN_OR_RETURN(size_t n, RecvSome(fd(), out, spin, &spin_until));
+      out = out.subspan(n);
     }
-    if (n == 0) return Status(Code::kUnavailable, "client closed the connection");
-    input_end_ += static_cast<size_t>(n);
+    return Status::Ok();
+  }
+  while (input_end_ < out.size()) {
+    MF_ASSIGN_OR_RETURN(size_t n, RecvSome(fd(), std::span(input_).subspan(input_end_), spin, &spin_until));
+    input_end_ += n;
   }
   std::memcpy(out.data(), input_.data(), out.size());
   input_begin_ = out.size();
