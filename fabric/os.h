@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -92,6 +93,12 @@ Status RunProgram(const std::vector<std::string>& argv, bool quiet = false);
 constexpr uint64_t AlignUp(uint64_t v, uint64_t align) {
   return (v + align - 1) & ~(align - 1);
 }
+// Whether a thread waiting for another may spin instead of sleeping: with one CPU the
+// spin only delays the thread it waits for.
+inline bool CanSpin() {
+  return std::thread::hardware_concurrency() > 1;
+}
+
 constexpr bool IsPowerOfTwo(uint64_t v) {
   return v != 0 && (v & (v - 1)) == 0;
 }

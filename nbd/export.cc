@@ -928,7 +928,7 @@ Status Export::Connection::ReadInput(std::span<std::byte> out) {
   if (out.empty()) return Status::Ok();
   input_begin_ = input_end_ = 0;
   DrainInline();  // about to block on the socket: answer what is done first
-  const std::chrono::microseconds spin = owner_.options_.recv_spin;
+  const std::chrono::microseconds spin = owner_.recv_spin_;
   auto spin_until = std::chrono::steady_clock::now() + spin;
   if (out.size() >= input_.size()) {  // big payloads go straight in
     while (!out.empty()) {
@@ -957,7 +957,9 @@ Status Export::Connection::DiscardInput(uint64_t length, std::span<std::byte> sc
 
 // ---- Export -----------------------------------------------------------------------------------------
 
-Export::Export(ExportOptions options) : options_(std::move(options)) {}
+Export::Export(ExportOptions options)
+    : options_(std::move(options)),
+      recv_spin_(CanSpin() ? options_.recv_spin : std::chrono::microseconds(0)) {}
 
 Export::~Export() {
   Stop();

@@ -59,6 +59,7 @@ struct ExportOptions {
   // Before a connection's reader sleeps in recv it polls the socket this long, so that a
   // client sending its next request right after a reply (QD1) costs no thread wake-up: on
   // virtual machines the wake-up is most of a 4 KiB request's latency. 0: always sleep.
+  // Ignored on a machine with one CPU.
   std::chrono::microseconds recv_spin = kDefaultRecvSpin;
 };
 
@@ -147,6 +148,7 @@ class Export {
   std::vector<ExportSpec> List() const MF_EXCLUDES(mu_);
 
   const ExportOptions options_;
+  const std::chrono::microseconds recv_spin_;  // options_.recv_spin, or 0 on one CPU
   std::atomic<bool> stopping_{false};
   mutable Mutex mu_;
   std::vector<ExportSpec> exports_ MF_GUARDED_BY(mu_);

@@ -169,7 +169,7 @@ void Mapping::FaultLoop() {
   uffd_msg messages[kMessageBatch];
   pollfd fds[2] = {{uffd_->fd(), POLLIN, 0}, {wake_fd_.get(), POLLIN, 0}};
   using Clock = std::chrono::steady_clock;
-  const bool spin = options_.poll_spin.count() > 0;
+  const bool spin = options_.poll_spin.count() > 0 && CanSpin();
   // While spinning, this thread takes the transport's completions (its own thread sleeps).
   const bool poll_remote = spin && remote_.can_poll();
   struct CallerPolling {

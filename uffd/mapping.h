@@ -82,7 +82,7 @@ struct MappingOptions {
   // After each fault or pull completion the fault thread polls the userfaultfd, and the
   // transport's completions on its own thread where it can (Remote::can_poll), for this
   // long before it sleeps. A fault that arrives meanwhile, and the reply to it, then cost
-  // no thread wake-up. 0: always sleep (least CPU).
+  // no thread wake-up. 0: always sleep (least CPU). Ignored on a machine with one CPU.
   std::chrono::microseconds poll_spin = kDefaultPollSpin;
 };
 
