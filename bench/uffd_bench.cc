@@ -206,7 +206,7 @@ int Run(int argc, char** argv) {
         "first-touch scan of %s, uffd Mapping over %s (%s, %d connections, fault thread spins %lld us) vs "
         "raw local uffd handler\n",
         fabric::FormatSize(*size).c_str(), std::string(plane.remote->transport()).c_str(), host.c_str(),
-        connections, static_cast<long long>(g_poll_spin.count()));
+        connections, static_cast<long long>(CanSpin() ? g_poll_spin.count() : 0));
     std::printf("%-6s %-6s %12s %14s %7s %16s %7s %12s\n", "chunk", "order", "raw MB/s", "mapping MB/s",
                 "ratio", "+prefetch MB/s", "ratio", "vs raw 4K");
     double raw4k_seq = 0;
