@@ -208,6 +208,8 @@ class Export::Connection final : public fabric::IoCallback {
   // Sends the replies of `batch` (completed slots) in one sendmsg, after one Flush when a
   // FLUSH or FUA asks for it, and frees the slots. Reader or writer thread.
   void SendReplies(std::span<const uint32_t> batch, std::span<iovec> iov) MF_EXCLUDES(mu_, send_mu_);
+  // Moves every completed slot from the ring to `out` (capacity depth_); returns how many.
+  size_t TakeCompleted(std::span<uint32_t> out) MF_REQUIRES(mu_);
   // Reader thread, before it blocks: sends the replies of requests it completed itself.
   void DrainInline() MF_EXCLUDES(mu_, send_mu_);
   // Writer thread: encodes the reply of `slot` into slot.reply and appends its iovecs
@@ -788,16 +790,22 @@ void Export::Connection::PushCompleted(uint32_t index) {
   completed_cv_.notify_one();
 }
 
+size_t Export::Connection::TakeCompleted(std::span<uint32_t> out) {
+  size_t count = 0;
+  for (; completed_count_ > 0; --completed_count_) {
+    out[count++] = completed_[completed_head_];
+    completed_head_ = (completed_head_ + 1) % depth_;
+  }
+  inline_pending_ = false;  // none is left for the reader to send
+  return count;
+}
+
 void Export::Connection::DrainInline() {
   size_t count = 0;
   {
     MutexLock lock(mu_);
     if (!inline_pending_) return;
-    inline_pending_ = false;
-    for (; completed_count_ > 0; --completed_count_) {
-      inline_batch_[count++] = completed_[completed_head_];
-      completed_head_ = (completed_head_ + 1) % depth_;
-    }
+    count = TakeCompleted(inline_batch_);
   }
   if (count > 0) SendReplies(std::span(inline_batch_).first(count), inline_iov_);
 }
@@ -815,11 +823,7 @@ void Export::Connection::WriterLoop() {
       completed_cv_.wait(
           mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return completed_count_ > 0 || writer_exit_; });
       if (completed_count_ == 0) return;
-      inline_pending_ = false;  // the writer answers those too
-      for (; completed_count_ > 0; --completed_count_) {
-        batch[count++] = completed_[completed_head_];
-        completed_head_ = (completed_head_ + 1) % depth_;
-      }
+      count = TakeCompleted(batch);  // the reader's inline replies too
     }
     SendReplies(std::span(batch).first(count), iov);
   }
