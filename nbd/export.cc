@@ -33,6 +33,7 @@ constexpr int kListenBacklog = 128;
 constexpr uint32_t kBaseAllocationId = 1;       // the one metadata context's id
 constexpr size_t kInputBufferSize = 64u << 10;  // request bytes taken per recv
 constexpr size_t kMaxErrorMessage = 200;        // bytes of a structured error message
+constexpr int kUnixSendBuffer = 4 << 20;        // several 1 MiB replies (see WidenUnixSendBuffer)
 static_assert(kZeroBufferSize % kPageSize == 0 && kSubmitBatch > 0);
 static_assert(kMaxErrorMessage < kMaxStringLength);
 // A reply's header: the largest is an error chunk with its message.
@@ -93,6 +94,19 @@ Status SendAll(int fd, std::span<const std::byte> bytes) {
 
 Status SendBytes(int fd, const std::vector<std::byte>& bytes) {
   return SendAll(fd, bytes);
+}
+
+// A unix socket's send buffer is fixed (no autotuning as on TCP) and by default smaller
+// than one 1 MiB read reply, so the writer would block several times per reply. The
+// kernel caps the size at net.core.wmem_max. TCP sockets keep their autotuning.
+void WidenUnixSendBuffer(int fd) {
+  sockaddr_storage addr{};
+  socklen_t len = sizeof(addr);
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0 || addr.ss_family != AF_UNIX) return;
+  int size = kUnixSendBuffer;
+  if (::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(size)) != 0) {
+    spdlog::debug("nbd: cannot widen the send buffer: {}", std::strerror(errno));
+  }
 }
 
 void SetTimeout(int fd, int option, std::chrono::milliseconds t) {
@@ -287,6 +301,7 @@ void Export::Connection::Run() {
   SetTimeout(fd(), SO_SNDTIMEO, owner_.options_.send_timeout);
   int one = 1;
   (void)::setsockopt(fd(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));  // fails harmlessly on unix
+  WidenUnixSendBuffer(fd());
 
   Result<bool> entered = true;
   if (!entered_) {
