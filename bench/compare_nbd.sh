@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# NBD server comparison on one host, peer first, same run, same client:
+# NBD server comparison on one host, peer and memfabric in the same run, same client:
 #   peer:      nbdkit's memory plugin (sparse RAM) on a unix socket
 #   memfabric: nbd::Export (nbd/export.h) over an in-process memory region, served by
 #              nbd_bench_server on a unix socket
 # Both are driven by fio's nbd engine (libnbd) with the same jobs:
 #   4 KiB randread QD1 and QD16, 4 KiB randwrite QD1 and QD16, 1 MiB sequential read and
-#   write (QD SEQ_DEPTH). The first row on each side is a 1 MiB sequential write over the
+#   write (QD SEQ_DEPTH). Before the rows each side gets a 1 MiB sequential write over the
 #   whole size, so both read real (allocated) memory.
-# Prints IOPS (MB/s for the 1 MiB rows), p50/p99 latency and the ratio memfabric/nbdkit.
+# The rows run ROUNDS times, the two servers taking turns (which one goes first alternates
+# by round), so that a noisy moment on the host hits both. The table prints the median of
+# the rounds: IOPS (MB/s for the 1 MiB rows), p50/p99 latency, the ratio memfabric/nbdkit
+# of the medians, and the lowest and highest per-round ratio.
 #
 # Usage: bench/compare_nbd.sh
-# Environment: ROW_SECONDS (default 3), SIZE (default 1G), DEPTH (16), SEQ_DEPTH (4),
-#   BACKEND=region|memory|tcp (nbd_bench_server's backend, default region),
+# Environment: ROUNDS (default 5), ROW_SECONDS (default 3), SIZE (default 1G), DEPTH (16),
+#   SEQ_DEPTH (4), BACKEND=region|memory|tcp (nbd_bench_server's backend, default region),
 #   NBD_BENCH_SERVER=path to a built nbd_bench_server (else the release preset is built).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROUNDS=${ROUNDS:-5}
 ROW_SECONDS=${ROW_SECONDS:-3}
 SIZE=${SIZE:-1G}
 DEPTH=${DEPTH:-16}
@@ -56,48 +60,58 @@ wait_socket() {
   die "no server socket at $1"
 }
 
-# run_side SIDE URI: the six rows, JSON into $WORK/SIDE-ROW.json
-run_side() {
-  local side=$1 uri=$2
-  run() {  # NAME RW BLOCK DEPTH [extra fio args]
-    local name=$1 rw=$2 bs=$3 qd=$4
-    shift 4
-    echo "== $side: $rw $bs QD$qd" >&2
-    fio --name="$name" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$SIZE" \
-      --lat_percentiles=1 --output-format=json --output="$WORK/$side-$name.json" "$@" >/dev/null ||
-      die "fio $rw on $side failed"
-  }
-  run fill write 1M "$SEQ_DEPTH"  # allocates every page once, untimed in the table
-  run randread-4K-1 randread 4k 1 --time_based --runtime="$ROW_SECONDS"
-  run randread-4K-$DEPTH randread 4k "$DEPTH" --time_based --runtime="$ROW_SECONDS"
-  run randwrite-4K-1 randwrite 4k 1 --time_based --runtime="$ROW_SECONDS"
-  run randwrite-4K-$DEPTH randwrite 4k "$DEPTH" --time_based --runtime="$ROW_SECONDS"
-  run read-1M-$SEQ_DEPTH read 1M "$SEQ_DEPTH" --time_based --runtime="$ROW_SECONDS"
-  run write-1M-$SEQ_DEPTH write 1M "$SEQ_DEPTH" --time_based --runtime="$ROW_SECONDS"
+# fio_row SIDE URI NAME RW BLOCK DEPTH [extra fio args]: one job, JSON into $WORK/SIDE-NAME.json
+fio_row() {
+  local side=$1 uri=$2 name=$3 rw=$4 bs=$5 qd=$6
+  shift 6
+  echo "== $side: $rw $bs QD$qd ($name)" >&2
+  fio --name="$name" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$SIZE" \
+    --lat_percentiles=1 --output-format=json --output="$WORK/$side-$name.json" "$@" >/dev/null ||
+    die "fio $rw on $side failed"
 }
 
-# ---- the peer: nbdkit memory ----------------------------------------------------------
+# run_rows SIDE URI ROUND: the six rows of one round
+run_rows() {
+  local side=$1 uri=$2 round=$3
+  local timed=(--time_based --runtime="$ROW_SECONDS")
+  fio_row "$side" "$uri" "randread-4K-1-r$round" randread 4k 1 "${timed[@]}"
+  fio_row "$side" "$uri" "randread-4K-$DEPTH-r$round" randread 4k "$DEPTH" "${timed[@]}"
+  fio_row "$side" "$uri" "randwrite-4K-1-r$round" randwrite 4k 1 "${timed[@]}"
+  fio_row "$side" "$uri" "randwrite-4K-$DEPTH-r$round" randwrite 4k "$DEPTH" "${timed[@]}"
+  fio_row "$side" "$uri" "read-1M-$SEQ_DEPTH-r$round" read 1M "$SEQ_DEPTH" "${timed[@]}"
+  fio_row "$side" "$uri" "write-1M-$SEQ_DEPTH-r$round" write 1M "$SEQ_DEPTH" "${timed[@]}"
+}
+
+# ---- both servers, filled once ---------------------------------------------------------
 nbdkit --foreground --exit-with-parent --unix "$WORK/nbdkit.sock" memory "$SIZE" &
 PIDS+=($!)
-wait_socket "$WORK/nbdkit.sock"
-run_side nbdkit "nbd+unix:///?socket=$WORK/nbdkit.sock"
-kill "${PIDS[-1]}" && wait "${PIDS[-1]}" 2>/dev/null || true
-
-# ---- memfabric: nbd::Export -------------------------------------------------------------
 "$NBD_BENCH_SERVER" "$WORK/mf.sock" "$SIZE" "$BACKEND" mem >"$WORK/mf.log" 2>&1 &
 PIDS+=($!)
+wait_socket "$WORK/nbdkit.sock"
 wait_socket "$WORK/mf.sock"
-run_side memfabric "nbd+unix:///mem?socket=$WORK/mf.sock"
+declare -A URI=([nbdkit]="nbd+unix:///?socket=$WORK/nbdkit.sock" [memfabric]="nbd+unix:///mem?socket=$WORK/mf.sock")
+for side in nbdkit memfabric; do
+  fio_row "$side" "${URI[$side]}" fill write 1M "$SEQ_DEPTH"  # allocates every page once, untimed
+done
+
+# ---- the rounds ------------------------------------------------------------------------
+for ((round = 1; round <= ROUNDS; round++)); do
+  echo "== round $round of $ROUNDS" >&2
+  order=(nbdkit memfabric)
+  ((round % 2 == 0)) && order=(memfabric nbdkit)
+  for side in "${order[@]}"; do run_rows "$side" "${URI[$side]}" "$round"; done
+done
 
 # ---- the table -----------------------------------------------------------------------
 echo "peer: $(nbdkit --version | head -1) memory; memfabric: nbd_bench_server ($BACKEND backend);" \
-  "client: $(fio --version) nbd engine; unix sockets; $SIZE; ${ROW_SECONDS}s per row"
-python3 - "$WORK" "$DEPTH" "$SEQ_DEPTH" <<'PY'
-import json, os, sys
+  "client: $(fio --version) nbd engine; unix sockets; $SIZE; ${ROW_SECONDS}s per row;" \
+  "median of $ROUNDS rounds"
+python3 - "$WORK" "$DEPTH" "$SEQ_DEPTH" "$ROUNDS" <<'PY'
+import json, os, statistics, sys
 
-work, depth, seq_depth = sys.argv[1], sys.argv[2], sys.argv[3]
+work, depth, seq_depth, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 
-def row(side, name):
+def one(side, name):
     job = json.load(open(os.path.join(work, f"{side}-{name}.json")))["jobs"][0]
     rw = job["job options"]["rw"]
     data = job["write"] if "write" in rw else job["read"]
@@ -105,20 +119,29 @@ def row(side, name):
     return {"iops": data["iops"], "mbs": data["bw_bytes"] / 1e6,
             "p50": pct.get("50.000000", 0) / 1000.0, "p99": pct.get("99.000000", 0) / 1000.0}
 
+def row(side, name):  # the median of the rounds, per figure, and the per-round figures
+    runs = [one(side, f"{name}-r{r}") for r in range(1, rounds + 1)]
+    return {k: statistics.median(run[k] for run in runs) for k in runs[0]}, runs
+
 names = [f"randread-4K-1", f"randread-4K-{depth}", f"randwrite-4K-1", f"randwrite-4K-{depth}",
          f"read-1M-{seq_depth}", f"write-1M-{seq_depth}"]
-fmt = "{:<24} {:>10} {:>10} {:>6}   {:>9} {:>9} {:>6}   {:>9} {:>9}"
-head = fmt.format("row", "nbdkit", "memfabric", "ratio", "p50us nbd", "p50us mf", "ratio", "p99us nbd", "p99us mf")
+fmt = "{:<24} {:>10} {:>10} {:>6} {:>11}   {:>9} {:>9} {:>6}   {:>9} {:>9}"
+head = fmt.format("row", "nbdkit", "memfabric", "ratio", "round range", "p50us nbd", "p50us mf", "ratio",
+                  "p99us nbd", "p99us mf")
 print(head)
 print("-" * len(head))
 def ratio(a, b): return f"{a / b:.2f}" if b else "-"
 for name in names:
-    p, m = row("nbdkit", name), row("memfabric", name)
+    (p, p_runs), (m, m_runs) = row("nbdkit", name), row("memfabric", name)
     seq = name.startswith(("read-", "write-"))
     key, unit = ("mbs", "MB/s") if seq else ("iops", "IOPS")
+    per_round = [a[key] / b[key] for a, b in zip(m_runs, p_runs) if b[key]]
+    spread = f"{min(per_round):.2f}-{max(per_round):.2f}" if per_round else "-"
     pattern, block, qd = name.split("-")
     print(fmt.format(f"{pattern} {block} QD{qd} {unit}", f"{p[key]:.0f}", f"{m[key]:.0f}", ratio(m[key], p[key]),
+                     spread,
                      f"{p['p50']:.1f}", f"{m['p50']:.1f}", ratio(m["p50"], p["p50"]), f"{p['p99']:.1f}",
                      f"{m['p99']:.1f}"))
-print("ratio = memfabric / nbdkit: above 1 is better for memfabric in throughput, below 1 in latency")
+print("ratio = memfabric / nbdkit of the medians: above 1 is better for memfabric in throughput, below 1 in"
+      " latency; round range = the lowest and highest ratio of one round")
 PY
