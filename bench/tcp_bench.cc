@@ -1,7 +1,8 @@
 // Micro-benchmarks of the TCP data path: an in-process fabric::Server behind a TcpServer
 // on loopback, one client Remote, batches of reads or writes of 4 KiB, 64 KiB and 1 MiB
 // at queue depth 1 and 32 (a batch of `depth` requests submitted together, then waited
-// for). A memcpy of the same size is the baseline row.
+// for), and reads at depth 1 with the caller polling for the reply. A memcpy of the same
+// size is the baseline row.
 //
 //   build/release/bench/tcp_bench --benchmark_min_time=0.5
 #include <benchmark/benchmark.h>
@@ -72,8 +73,13 @@ Status StartLoopback(Loopback* lb) {
 
 // Each iteration submits `depth` requests of `size` bytes at random aligned offsets
 // (split at the transport's max_transfer) and waits for all of them.
-void TransferBatches(benchmark::State& state, Loopback& lb, fabric::IoKind kind, size_t size, size_t depth) {
+// With `polled`, the benchmark's thread takes the replies itself (Remote::SetCallerPolling
+// and Poll, as the uffd Mapping's fault thread does) instead of sleeping until the
+// transport's reader completes them.
+void TransferBatches(benchmark::State& state, Loopback& lb, fabric::IoKind kind, size_t size, size_t depth,
+                     bool polled = false) {
   fabric::Remote& remote = *lb.remote;
+  if (polled) remote.SetCallerPolling(true);
   const size_t piece = std::min(size, remote.max_transfer());
   std::vector<fabric::IoRequest> requests;
   requests.reserve(depth * ((size + piece - 1) / piece));
@@ -91,12 +97,16 @@ void TransferBatches(benchmark::State& state, Loopback& lb, fabric::IoKind kind,
     }
     batch.Reset(requests.size());
     remote.Submit(requests);
+    if (polled) {
+      while (!batch.done()) remote.Poll();
+    }
     Status status = batch.Wait();
     if (!status.ok()) {
       state.SkipWithError(status.ToString().c_str());
       break;
     }
   }
+  if (polled) remote.SetCallerPolling(false);
   state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(depth * size));
   state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(depth));
   state.SetLabel(std::string(remote.transport()));
@@ -134,6 +144,12 @@ void RegisterAll(Loopback& lb) {
       benchmark::RegisterBenchmark(("tcp_write" + tail).c_str(), [&lb, size, depth](benchmark::State& s) {
         TransferBatches(s, lb, fabric::IoKind::kWrite, size, depth);
       })->UseRealTime();
+      if (depth == 1 && CanSpin()) {
+        benchmark::RegisterBenchmark(("tcp_read" + tail + "/polled").c_str(), [&lb,
+                                                                               size](benchmark::State& s) {
+          TransferBatches(s, lb, fabric::IoKind::kRead, size, 1, true);
+        })->UseRealTime();
+      }
     }
   }
 }

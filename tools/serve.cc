@@ -51,6 +51,7 @@ struct ServeFlags {
   std::string tls_key;
   std::string tls_ca;
   int threads = 2;
+  int64_t poll_spin_us = tcp::kDefaultServerPollSpin.count();
   std::string port_file;
   std::string store;
   std::string log_level = "info";
@@ -82,6 +83,7 @@ int RunServe(const ServeFlags& flags) {
 
   tcp::ListenOptions listen;
   listen.threads = flags.threads;
+  listen.poll_spin = std::chrono::microseconds(flags.poll_spin_us);
   Status address = fabric::ParseHostPort(flags.listen, &listen.host, &listen.port);
   if (!address.ok())
     return Report(kCommand, address.WithContext("--listen"), "use HOST:PORT, e.g. 127.0.0.1:7411");
@@ -244,6 +246,12 @@ void AddServeCommand(CLI::App& app, std::vector<Command>& commands) {
   sub->add_option("--tls-ca", flags->tls_ca, "PEM CA bundle to verify client certificates")->group("TLS");
   sub->add_option("--threads", flags->threads, "Transport worker threads")
       ->check(CLI::Range(1, tcp::kMaxServerThreads))
+      ->capture_default_str();
+  sub->add_option("--poll-spin", flags->poll_spin_us,
+                  "Microseconds a TCP worker keeps polling its connections after serving a request "
+                  "before it sleeps: a client's next request then costs no thread wake-up (page "
+                  "faults in a row) at the price of CPU while busy; 0: always sleep")
+      ->check(CLI::Range(int64_t{0}, int64_t{1000000}))
       ->capture_default_str();
   sub->add_option("--rdma", flags->rdma,
                   "RDMA data plane: auto (when this host has an RDMA device), on (fail without one), off")

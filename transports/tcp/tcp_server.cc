@@ -315,13 +315,17 @@ Status TcpServer::Impl::Worker::Init() {
 void TcpServer::Impl::Worker::Run() {
   std::array<epoll_event, kMaxEvents> events{};
   auto next_tick = Clock::now() + kTick;
+  const std::chrono::microseconds spin = CanSpin() ? impl_.options_.poll_spin : std::chrono::microseconds(0);
+  auto spin_until = Clock::now();
   while (!impl_.stopping_.load()) {
-    int timeout = buffered_.empty() ? static_cast<int>(kTick.count()) : 0;
+    const bool polling = Clock::now() < spin_until;
+    int timeout = buffered_.empty() && !polling ? static_cast<int>(kTick.count()) : 0;
     int n = ::epoll_wait(epoll_fd_.get(), events.data(), kMaxEvents, timeout);
     if (n < 0 && errno != EINTR) {
       spdlog::error("tcp server: epoll_wait: {}", std::strerror(errno));
       break;
     }
+    if (n > 0) spin_until = Clock::now() + spin;
     for (int i = 0; i < n; ++i) {
       uint64_t id = events[static_cast<size_t>(i)].data.u64;
       if (id == kWakeId) {

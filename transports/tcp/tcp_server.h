@@ -29,6 +29,7 @@
 namespace mf::tcp {
 
 inline constexpr size_t kDefaultMaxOutputBytes = 8u << 20;
+inline constexpr std::chrono::microseconds kDefaultServerPollSpin{50};
 inline constexpr int kMaxServerThreads = 64;
 
 struct ListenOptions {
@@ -45,6 +46,10 @@ struct ListenOptions {
   std::chrono::milliseconds attach_timeout{30000};     // an OPEN whose token is never attached
   size_t max_output_bytes = kDefaultMaxOutputBytes;    // unsent replies per connection
   int max_connections = 4096;
+  // After serving events a worker polls its connections this long before it sleeps, so a
+  // client sending its next request soon after a reply (a page fault after a page fault)
+  // costs no thread wake-up. 0: always sleep. Ignored on a machine with one CPU.
+  std::chrono::microseconds poll_spin = kDefaultServerPollSpin;
 
   // The table of OPENs, shared with the server's other data planes (transports/rdma);
   // null: the TcpServer keeps its own.
