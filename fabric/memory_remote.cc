@@ -55,6 +55,8 @@ void MemoryRemote::Worker() {
       if (fail_count_ > 0) {
         --fail_count_;
         injected = fail_status_;
+      } else if (r.offset < fail_range_end_ && r.offset + r.data.size() > fail_range_begin_) {
+        injected = fail_range_status_;
       }
     }
     if (int64_t delay = delay_us_.load(); delay > 0)
@@ -95,6 +97,13 @@ void MemoryRemote::FailNext(size_t count, Status status) {
   MutexLock lock(mu_);
   fail_count_ = count;
   fail_status_ = std::move(status);
+}
+
+void MemoryRemote::FailRange(uint64_t offset, uint64_t length, Status status) {
+  MutexLock lock(mu_);
+  fail_range_begin_ = offset;
+  fail_range_end_ = offset + length;
+  fail_range_status_ = std::move(status);
 }
 
 }  // namespace mf::fabric

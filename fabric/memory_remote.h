@@ -53,6 +53,9 @@ class MemoryRemote final : public Remote {
 
   // Fault injection: the next `count` requests fail with `status`.
   void FailNext(size_t count, Status status) MF_EXCLUDES(mu_);
+  // Fault injection: from now on every request overlapping [offset, offset + length)
+  // fails with `status` (length 0: none does).
+  void FailRange(uint64_t offset, uint64_t length, Status status) MF_EXCLUDES(mu_);
   // Every request waits this long before it is served.
   void SetDelay(std::chrono::microseconds delay) { delay_us_ = delay.count(); }
   uint64_t requests_served() const { return served_.load(); }
@@ -71,6 +74,9 @@ class MemoryRemote final : public Remote {
   std::deque<IoRequest> queue_ MF_GUARDED_BY(mu_);
   size_t fail_count_ MF_GUARDED_BY(mu_) = 0;
   Status fail_status_ MF_GUARDED_BY(mu_);
+  uint64_t fail_range_begin_ MF_GUARDED_BY(mu_) = 0;
+  uint64_t fail_range_end_ MF_GUARDED_BY(mu_) = 0;
+  Status fail_range_status_ MF_GUARDED_BY(mu_);
   bool closed_ MF_GUARDED_BY(mu_) = false;
   std::thread worker_;  // last: started after everything it uses exists
 };

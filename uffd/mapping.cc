@@ -44,7 +44,9 @@ class Mapping::PullDone final : public fabric::IoCallback {
 class Mapping::PushDone final : public fabric::IoCallback {
  public:
   explicit PushDone(Mapping* m) : m_(m) {}
-  void OnIoComplete(uint64_t cookie, const Status& status) override { m_->OnPushDone(cookie, status); }
+  void OnIoComplete(uint64_t cookie, const Status& status) override {
+    m_->OnPushDone(cookie / kMaxPieces, status);
+  }
 
  private:
   Mapping* m_;
@@ -364,17 +366,17 @@ void Mapping::PrefetchLoop() {
 void Mapping::SubmitChunk(fabric::IoKind kind, Slot& s, size_t slot, std::byte* staged,
                           const fabric::Buffer& buffer, fabric::IoCallback* done) {
   const size_t len = ChunkLength(s.chunk);
-  const size_t piece = std::min(len, remote_.max_transfer());
+  const size_t piece = std::min(len, s.piece);
   const auto pieces = static_cast<uint32_t>((len + piece - 1) / piece);
   s.failed.store(false, std::memory_order_relaxed);
   s.error = Status::Ok();
   s.remaining.store(pieces, std::memory_order_release);
-  fabric::IoRequest requests[kMaxChunkSize / kPageSize];
-  static_assert(sizeof(requests) / sizeof(requests[0]) >= kMaxChunkSize / kPageSize);
+  fabric::IoRequest requests[kMaxPieces];
   for (uint32_t i = 0; i < pieces; ++i) {
     const size_t at = size_t{i} * piece;
-    requests[i] = fabric::IoRequest{
-        kind, s.chunk * chunk_size_ + at, {staged + at, std::min(piece, len - at)}, &buffer, done, slot};
+    requests[i] =
+        fabric::IoRequest{kind, s.chunk * chunk_size_ + at, {staged + at, std::min(piece, len - at)}, &buffer,
+                          done, slot * kMaxPieces + i};
   }
   remote_.Submit({requests, pieces});
 }
@@ -390,6 +392,8 @@ void Mapping::StartPull(uint64_t chunk, size_t slot, bool prefetch) {
   Slot& s = pull_slots_[slot];
   s.chunk = chunk;
   s.prefetch = prefetch;
+  s.piece = std::min(remote_.max_transfer(), kInstallPiece);
+  s.install_failed.store(false, std::memory_order_relaxed);
   if (!prefetch) fault_pulls_.fetch_add(1, std::memory_order_relaxed);
   SubmitChunk(fabric::IoKind::kRead, s, slot, pull_buffer_.data() + slot * chunk_size_, pull_buffer_,
               pull_done_.get());
@@ -398,28 +402,37 @@ void Mapping::StartPull(uint64_t chunk, size_t slot, bool prefetch) {
 void Mapping::StartPush(uint64_t chunk, size_t slot) {
   Slot& s = push_slots_[slot];
   s.chunk = chunk;
+  s.piece = remote_.max_transfer();
   SubmitChunk(fabric::IoKind::kWrite, s, slot, push_buffer_.data() + slot * chunk_size_, push_buffer_,
               push_done_.get());
 }
 
-void Mapping::OnPullDone(size_t slot, const Status& piece_status) {
-  Status status;
-  if (!CompleteOne(pull_slots_[slot], piece_status, &status)) return;
-  const Slot& ps = pull_slots_[slot];
+void Mapping::OnPullDone(uint64_t cookie, const Status& piece_status) {
+  const size_t slot = cookie / kMaxPieces;
+  Slot& ps = pull_slots_[slot];
   const size_t len = ChunkLength(ps.chunk);
   std::byte* addr = ChunkAddress(ps.chunk);
+  if (piece_status.ok()) {
+    // Install this piece now; the pieces of a chunk are disjoint, so their installs may
+    // run at once on the transport's threads.
+    const size_t at = (cookie % kMaxPieces) * ps.piece;
+    Status copied = uffd_->Copy(addr + at, pull_buffer_.data() + slot * chunk_size_ + at,
+                                std::min(ps.piece, len - at), tracking_ != WriteTracking::kOff);
+    if (!copied.ok() && !ps.install_failed.exchange(true, std::memory_order_acq_rel)) {
+      // ENOENT/ESRCH: the range or the process is going away; nothing waits any more.
+      spdlog::warn("uffd mapping: install chunk {}: {}", ps.chunk, copied.ToString());
+    }
+  }
+  Status status;
+  if (!CompleteOne(ps, piece_status, &status)) return;
   if (status.ok()) {
-    Status copied =
-        uffd_->Copy(addr, pull_buffer_.data() + slot * chunk_size_, len, tracking_ != WriteTracking::kOff);
-    if (copied.ok()) {
+    if (!ps.install_failed.load(std::memory_order_acquire)) {
       (ps.prefetch ? counters_.prefetches : counters_.pulls).fetch_add(1, std::memory_order_relaxed);
       counters_.bytes_pulled.fetch_add(len, std::memory_order_relaxed);
       // Pages dropped while the pull ran: the chunk is remote again, and a thread that
       // faulted on them after the install is woken to fault (and pull) once more.
       if (!chunks_.FinishPull(ps.chunk)) (void)uffd_->Wake(addr, len);
     } else {
-      // ENOENT/ESRCH: the range or the process is going away; nothing waits any more.
-      spdlog::warn("uffd mapping: install chunk {}: {}", ps.chunk, copied.ToString());
       chunks_.Set(ps.chunk, fabric::ChunkState::kRemote);
     }
   } else if (ps.prefetch) {
@@ -533,6 +546,27 @@ Status Mapping::Sync() {
   }
   for (uint64_t chunk = 0; chunk < chunks_.size(); ++chunk) {
     if (!chunks_.dirty(chunk)) continue;
+    // A chunk still being pulled (written in pieces that arrived, or re-pulled after a
+    // MADV_DONTNEED) is read only once its pull has ended: its last pieces may fail.
+    {
+      MutexLock lock(mu_);
+      cv_.wait(mu_, [&]() MF_NO_THREAD_SAFETY_ANALYSIS {
+        const fabric::ChunkState state = chunks_.state(chunk);
+        return stopping_ ||
+               (state != fabric::ChunkState::kInFlight && state != fabric::ChunkState::kInFlightDropped);
+      });
+    }
+    if (chunks_.state(chunk) == fabric::ChunkState::kFailed) {
+      // Written in its pieces that arrived before the rest of its pull failed; the rest is
+      // poisoned, so the chunk cannot be read back to push. It stays dirty.
+      MutexLock lock(push_mu_);
+      if (push_error_.ok()) {
+        push_error_ = Status(Code::kUnavailable, "chunk " + std::to_string(chunk) +
+                                                     " was written but could not be pulled whole; its "
+                                                     "writes cannot be pushed");
+      }
+      continue;
+    }
     size_t slot = 0;
     {
       MutexLock lock(push_mu_);

@@ -55,6 +55,11 @@ constexpr size_t kDefaultFaultDepth = 16;
 constexpr size_t kDefaultPrefetchDepth = 8;
 constexpr size_t kDefaultPushDepth = 16;
 constexpr size_t kLockStripes = 64;
+// A pull of a chunk larger than this moves in pieces of this size, and each piece is
+// installed as soon as it arrives: installing one overlaps the transfer of the next, and
+// a thread waiting on a page of an arrived piece runs on at once.
+constexpr size_t kInstallPiece = 256u << 10;
+static_assert(kInstallPiece % kPageSize == 0);
 // How long the fault thread keeps polling after a fault or a completion before it sleeps.
 constexpr std::chrono::microseconds kDefaultPollSpin{50};
 static_assert(IsPowerOfTwo(kMinChunkSize) && IsPowerOfTwo(kMaxChunkSize) && kMinChunkSize <= kMaxChunkSize);
@@ -130,14 +135,16 @@ class Mapping {
  private:
   class PullDone;
   class PushDone;
-  // A chunk larger than the transport's max_transfer() moves in several requests; the
-  // last one to complete finishes the slot.
+  // A chunk larger than the transport's max_transfer() (or, for pulls, kInstallPiece)
+  // moves in several requests of `piece` bytes; the last one to complete finishes the slot.
   struct Slot {
     uint64_t chunk = 0;
     bool prefetch = false;
+    size_t piece = 0;
     std::atomic<uint32_t> remaining{0};
     std::atomic<bool> failed{false};
-    Status error;  // written once, by whoever set `failed`
+    Status error;                             // written once, by whoever set `failed`
+    std::atomic<bool> install_failed{false};  // a pull's UFFDIO_COPY of a piece failed
   };
 
   Mapping(fabric::Remote& remote, const MappingOptions& options);
@@ -154,13 +161,17 @@ class Mapping {
   void SyncLoop() MF_EXCLUDES(mu_);
   void StartPull(uint64_t chunk, size_t slot, bool prefetch);
   void StartPush(uint64_t chunk, size_t slot);
-  // Submits the chunk's transfer from/to `staged` in requests of at most max_transfer().
+  // Submits the chunk's transfer from/to `staged` in requests of s.piece bytes (the last
+  // may be shorter); request i completes with cookie slot * kMaxPieces + i.
   void SubmitChunk(fabric::IoKind kind, Slot& s, size_t slot, std::byte* staged, const fabric::Buffer& buffer,
                    fabric::IoCallback* done);
+  static constexpr uint64_t kMaxPieces = kMaxChunkSize / kPageSize;
   // Records one request's completion; true when it was the slot's last (then *status is
   // the slot's first error, or OK).
   static bool CompleteOne(Slot& s, const Status& status, Status* result);
-  void OnPullDone(size_t slot, const Status& status) MF_EXCLUDES(mu_);
+  // One piece of a pull arrived (cookie from SubmitChunk): installs it, and after the last
+  // finishes the chunk.
+  void OnPullDone(uint64_t cookie, const Status& status) MF_EXCLUDES(mu_);
   void OnPushDone(size_t slot, const Status& status) MF_EXCLUDES(push_mu_);
   // Makes later accesses to the chunk raise SIGBUS and wakes its waiters.
   void FailChunk(uint64_t chunk);

@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <sys/mman.h>
 
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <thread>
@@ -255,6 +256,41 @@ TEST(MappingDeathTest, FailedRepullOfAPartlyPresentChunkRaisesSigbus) {
         _exit(0);
       },
       mf::testing::DiedOf(SIGBUS), mf::testing::DeathMessage(SIGBUS));
+}
+
+// A 2 MiB chunk moves in kInstallPiece pieces, each installed as it arrives. When a later
+// piece fails, the pieces that arrived stay readable with the server's bytes, the failed
+// ones raise SIGBUS, and writes to the arrived pieces are not silently dropped: Sync
+// reports them.
+TEST(MappingDeathTest, PullFailingPartwayKeepsArrivedPiecesAndFailsTheRest) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  static_assert((2u << 20) / kInstallPiece >= 2);
+  auto region = std::make_shared<MemoryRegion>("pieces", 2u << 20);
+  FillPattern(region->bytes(), 9);
+  EXPECT_EXIT(
+      {
+        MemoryRemote remote(region, true);
+        remote.FailRange(kInstallPiece, kInstallPiece, Status(Code::kUnavailable, "server gone"));
+        MappingOptions o;
+        o.chunk_size = 2u << 20;
+        o.prefetch = false;
+        o.tracking = WriteTracking::kSync;
+        auto m = Mapping::Create(remote, o);
+        if (!m.ok()) _exit(3);
+        std::byte* p = (*m)->data();
+        // Faults on piece 0: woken by its install whatever happens to piece 1.
+        if (std::memcmp(p, region->data(), kInstallPiece) != 0) _exit(4);
+        if (std::memcmp(p + 2 * kInstallPiece, region->data() + 2 * kInstallPiece, kInstallPiece) != 0)
+          _exit(5);
+        p[100] = std::byte{0x77};
+        Status synced = (*m)->Sync();
+        if (synced.ok() || synced.code() != Code::kUnavailable) _exit(6);
+        std::fputs("touching the failed piece\n", stderr);
+        volatile std::byte b = p[kInstallPiece + 10];  // the failed piece: SIGBUS expected
+        (void)b;
+        _exit(0);
+      },
+      mf::testing::DiedOf(SIGBUS), "touching the failed piece");
 }
 
 TEST(MappingDeathTest, ReadOnlyMappingRefusesWrites) {
