@@ -19,6 +19,7 @@
 #include "fabric/migration.h"
 #include "tests/integration/tcp_test_util.h"
 #include "tests/integration/test_servers.h"
+#include "tests/migration_test_util.h"
 #include "transports/connect.h"
 
 namespace mf::fabric {
@@ -51,20 +52,13 @@ std::pair<UniqueFd, UniqueFd> TcpPair() {
   return {std::move(client), std::move(server)};
 }
 
-class MigrationOverTcp : public ::testing::Test {
+class MigrationOverTcp : public mf::testing::MigrationWriterTest {
  protected:
   void SetUp() override {
     server_ = TestServer::Start();
     ASSERT_NE(server_, nullptr);
-    ASSERT_TRUE(server_->server->Create({"r", kSize, BackingKind::kMemfd, ""}).ok());
-    auto h = server_->server->Open("r", false);
-    ASSERT_TRUE(h.ok());
-    handle_ = std::move(h).value();
-    std::mt19937_64 rng(3);
-    for (size_t i = 0; i < kSize; i += 8) {
-      uint64_t v = rng();
-      std::memcpy(server_bytes() + i, &v, 8);
-    }
+    handle_ = mf::testing::CreateSeededRegion(*server_, "r", kSize, 3);
+    ASSERT_NE(handle_.region(), nullptr);
     auto w = Open(true);
     ASSERT_TRUE(w.ok()) << w.status().ToString();
     MountOptions mo;
@@ -77,7 +71,6 @@ class MigrationOverTcp : public ::testing::Test {
     source_fd_ = std::move(a);
     dest_fd_ = std::move(b);
   }
-  void TearDown() override { StopWriter(); }
 
   // Each open on its own client session, as two hosts would have.
   Result<std::unique_ptr<Remote>> Open(bool writable) {
@@ -91,37 +84,18 @@ class MigrationOverTcp : public ::testing::Test {
 
   // Writes blocks of a known pattern: block b of write n holds (n, b) in every word.
   void StartWriter() {
-    writer_ = std::thread([this] {
-      std::mt19937_64 rng(11);
-      std::vector<uint64_t> block(kBlock / 8);
-      for (uint64_t n = 1; !stop_.load(); ++n) {
-        const uint64_t b = rng() % (kHotBytes / kBlock);
-        std::fill(block.begin(), block.end(), (n << 32) | b);
-        ASSERT_TRUE(source_->mount().Write(b * kBlock, std::as_bytes(std::span(block))).ok());
-        writes_.fetch_add(1);
-        if (n % 16 == 0) std::this_thread::sleep_for(std::chrono::microseconds(500));
-      }
-    });
-  }
-  // Lets the writer get going (threads start late on a loaded machine).
-  void AwaitWrites(uint64_t n) {
-    while (writes_.load() < n) std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
-  // Finalizes on this thread while the destination runs on another; *run gets its end.
-  static Result<MigrationStats> Migrate(Seeder& seeder, Leecher& leecher, Status* run) {
-    std::thread dest([&] { *run = leecher.Run(); });
-    auto stats = seeder.Finalize();
-    dest.join();
-    return stats;
-  }
-  void StopWriter() {
-    stop_.store(true);
-    if (writer_.joinable()) writer_.join();
+    StartWriterLoop(
+        [this, rng = std::mt19937_64(11), block = std::vector<uint64_t>(kBlock / 8)](uint64_t n) mutable {
+          const uint64_t b = rng() % (kHotBytes / kBlock);
+          std::fill(block.begin(), block.end(), (n << 32) | b);
+          ASSERT_TRUE(source_->mount().Write(b * kBlock, std::as_bytes(std::span(block))).ok());
+          if (n % 16 == 0) std::this_thread::sleep_for(std::chrono::microseconds(500));
+        });
   }
   SeederOptions Hooks() {
     SeederOptions o;
     o.suspend = [this] {
-      if (writer_.joinable()) AwaitWrites(40);  // some writes during pre-copy
+      if (writer_running()) AwaitWrites(40);  // some writes during pre-copy
       StopWriter();
       return Status::Ok();
     };
@@ -151,10 +125,7 @@ class MigrationOverTcp : public ::testing::Test {
   RegionHandle handle_;
   std::unique_ptr<MountSource> source_;
   UniqueFd source_fd_, dest_fd_;
-  std::thread writer_;
-  std::atomic<bool> stop_{false};
   std::atomic<bool> resumed_{false};
-  std::atomic<uint64_t> writes_{0};
 };
 
 TEST_F(MigrationOverTcp, DestinationEndsWithTheSourcesFinalBytes) {

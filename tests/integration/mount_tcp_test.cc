@@ -15,7 +15,6 @@ namespace mf::fabric {
 namespace {
 
 using mf::testing::TestScheme;
-using tcp::testing::ClientOpts;
 using TestServer = mf::testing::TestServers;
 
 constexpr size_t kSize = 16u << 20;
@@ -25,26 +24,10 @@ class MountOverTcp : public ::testing::Test {
   void SetUp() override {
     server_ = TestServer::Start();
     ASSERT_NE(server_, nullptr);
-    ASSERT_TRUE(server_->server->Create({"r", kSize, BackingKind::kMemfd, ""}).ok());
-    auto h = server_->server->Open("r", false);
-    ASSERT_TRUE(h.ok());
-    handle_ = std::move(h).value();
-    std::mt19937_64 rng(3);
-    for (size_t i = 0; i < kSize; i += 8) {
-      uint64_t v = rng();
-      std::memcpy(server_bytes() + i, &v, 8);
-    }
+    handle_ = mf::testing::CreateSeededRegion(*server_, "r", kSize, 3);
+    ASSERT_NE(handle_.region(), nullptr);
   }
-  std::unique_ptr<Remote> Open(bool writable) {
-    auto client = transports::Connect(server_->url(TestScheme()), ClientOpts());
-    EXPECT_TRUE(client.ok()) << client.status().ToString();
-    if (!client.ok()) return nullptr;
-    OpenOptions o;
-    o.writable = writable;
-    auto remote = (*client)->Open("r", o);
-    EXPECT_TRUE(remote.ok()) << remote.status().ToString();
-    return remote.ok() ? std::move(remote).value() : nullptr;
-  }
+  std::unique_ptr<Remote> Open(bool writable) { return mf::testing::OpenRegion(*server_, "r", writable); }
   std::byte* server_bytes() const { return handle_.region()->data(); }
 
   std::unique_ptr<TestServer> server_;

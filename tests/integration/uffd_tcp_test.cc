@@ -30,26 +30,13 @@ class UffdOverTcp : public ::testing::TestWithParam<size_t> {
   void SetUp() override {
     server_ = TestServer::Start();
     ASSERT_NE(server_, nullptr);
-    ASSERT_TRUE(server_->server->Create({"r", kSize, fabric::BackingKind::kMemfd, ""}).ok());
-    auto h = server_->server->Open("r", false);
-    ASSERT_TRUE(h.ok());
-    handle_ = std::move(h).value();
-    std::mt19937_64 rng(3);
-    for (size_t i = 0; i < kSize; i += 8) {
-      uint64_t v = rng();
-      std::memcpy(handle_.region()->data() + i, &v, 8);
-    }
+    handle_ = mf::testing::CreateSeededRegion(*server_, "r", kSize, 3);
+    ASSERT_NE(handle_.region(), nullptr);
   }
   std::unique_ptr<fabric::Remote> Open(bool writable) {
-    auto client = transports::Connect(server_->url(TestScheme()), ClientOpts());
-    EXPECT_TRUE(client.ok()) << client.status().ToString();
-    if (!client.ok()) return nullptr;
-    fabric::OpenOptions o;
-    o.writable = writable;
-    auto remote = (*client)->Open("r", o);
-    EXPECT_TRUE(remote.ok()) << remote.status().ToString();
-    if (remote.ok() && TestScheme() == fabric::Scheme::kRdma) EXPECT_EQ((*remote)->transport(), "rdma");
-    return remote.ok() ? std::move(remote).value() : nullptr;
+    auto remote = mf::testing::OpenRegion(*server_, "r", writable);
+    if (remote != nullptr && TestScheme() == fabric::Scheme::kRdma) EXPECT_EQ(remote->transport(), "rdma");
+    return remote;
   }
   MappingOptions Options(bool prefetch) const {
     MappingOptions o;

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "fabric/memory_remote.h"
+#include "tests/migration_test_util.h"
 
 namespace mf::fabric {
 namespace {
@@ -284,7 +285,7 @@ std::vector<std::byte> Pattern(size_t n, uint32_t seed) {
   return v;
 }
 
-class MigrationTest : public ::testing::Test {
+class MigrationTest : public mf::testing::MigrationWriterTest {
  protected:
   void SetUp() override {
     region_ = std::make_shared<MemoryRegion>("r", kSize);
@@ -303,7 +304,6 @@ class MigrationTest : public ::testing::Test {
     source_fd_ = std::move(a);
     dest_fd_ = std::move(b);
   }
-  void TearDown() override { StopWriter(); }
 
   Result<std::unique_ptr<Remote>> Open(bool writable) { return OpenLeased(region_, lease_, writable); }
 
@@ -322,38 +322,18 @@ class MigrationTest : public ::testing::Test {
   }
 
   void StartWriter() {
-    writer_ = std::thread([this] {
-      std::mt19937_64 rng(5);
-      std::vector<std::byte> buf;
-      while (!stop_.load()) {
-        const uint64_t off = rng() % (kSize / 2);  // a working set: half the region
-        buf.resize(1 + rng() % std::min<uint64_t>(kSize - off, 4000));
-        for (auto& b : buf) b = static_cast<std::byte>(rng());
-        ASSERT_TRUE(source_->mount().Write(off, buf).ok());
-        writes_.fetch_add(1);
-        std::this_thread::sleep_for(std::chrono::microseconds(200));
-      }
+    StartWriterLoop([this, rng = std::mt19937_64(5), buf = std::vector<std::byte>()](uint64_t) mutable {
+      const uint64_t off = rng() % (kSize / 2);  // a working set: half the region
+      buf.resize(1 + rng() % std::min<uint64_t>(kSize - off, 4000));
+      for (auto& b : buf) b = static_cast<std::byte>(rng());
+      ASSERT_TRUE(source_->mount().Write(off, buf).ok());
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
     });
-  }
-  // Lets the writer get going (threads start late on a loaded machine).
-  void AwaitWrites(uint64_t n) {
-    while (writes_.load() < n) std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
-  // Finalizes on this thread while the destination runs on another; *run gets its end.
-  static Result<MigrationStats> Migrate(Seeder& seeder, Leecher& leecher, Status* run) {
-    std::thread dest([&] { *run = leecher.Run(); });
-    auto stats = seeder.Finalize();
-    dest.join();
-    return stats;
-  }
-  void StopWriter() {
-    stop_.store(true);
-    if (writer_.joinable()) writer_.join();
   }
   SeederOptions Hooks() {
     SeederOptions o;
     o.suspend = [this] {
-      if (writer_.joinable()) AwaitWrites(40);  // some writes during pre-copy
+      if (writer_running()) AwaitWrites(40);  // some writes during pre-copy
       ++suspends_;
       StopWriter();
       return Status::Ok();
@@ -379,9 +359,6 @@ class MigrationTest : public ::testing::Test {
   std::shared_ptr<Lease> lease_ = std::make_shared<Lease>();
   std::unique_ptr<MountSource> source_;
   UniqueFd source_fd_, dest_fd_;
-  std::thread writer_;
-  std::atomic<bool> stop_{false};
-  std::atomic<uint64_t> writes_{0};
   int suspends_ = 0, resumes_ = 0;
 };
 
