@@ -6,6 +6,8 @@
 // may be used from many threads as the OS allows.
 #pragma once
 
+#include <sched.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -97,6 +99,12 @@ constexpr uint64_t AlignUp(uint64_t v, uint64_t align) {
 // spin only delays the thread it waits for.
 inline bool CanSpin() {
   return std::thread::hardware_concurrency() > 1;
+}
+// Called by a spinning thread when a poll found nothing: a thread waiting for this CPU runs
+// first (on a host with few CPUs, the client whose next request it spins for, or that
+// client's application), else this returns at once.
+inline void GiveWayWhileSpinning() {
+  sched_yield();
 }
 
 constexpr bool IsPowerOfTwo(uint64_t v) {

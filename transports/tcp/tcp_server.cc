@@ -325,7 +325,11 @@ void TcpServer::Impl::Worker::Run() {
       spdlog::error("tcp server: epoll_wait: {}", std::strerror(errno));
       break;
     }
-    if (n > 0) spin_until = Clock::now() + spin;
+    if (n > 0) {
+      spin_until = Clock::now() + spin;
+    } else if (polling) {
+      GiveWayWhileSpinning();
+    }
     for (int i = 0; i < n; ++i) {
       uint64_t id = events[static_cast<size_t>(i)].data.u64;
       if (id == kWakeId) {

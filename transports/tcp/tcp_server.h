@@ -48,7 +48,8 @@ struct ListenOptions {
   int max_connections = 4096;
   // After serving events a worker polls its connections this long before it sleeps, so a
   // client sending its next request soon after a reply (a page fault after a page fault)
-  // costs no thread wake-up. 0: always sleep. Ignored on a machine with one CPU.
+  // costs no thread wake-up. A spinning worker yields its CPU to any thread waiting for it.
+  // 0: always sleep. Ignored on a machine with one CPU.
   std::chrono::microseconds poll_spin = kDefaultServerPollSpin;
 
   // The table of OPENs, shared with the server's other data planes (transports/rdma);
