@@ -10,22 +10,17 @@
 #include <numeric>
 
 namespace mf::fabric {
-namespace {
+namespace {}  // namespace
 
-// Requests built on the stack per Submit call when a chunk is split at max_transfer().
-constexpr size_t kRequestsPerSubmit = 64;
-
-}  // namespace
-
-// Routes a Remote's completions to OnPullDone or OnPushDone; the cookie is the slot.
+// Routes a Remote's completions to OnPullDone or OnPushDone, by the cookie's slot.
 class Mount::Done final : public IoCallback {
  public:
   Done(Mount* m, IoKind kind) : m_(m), kind_(kind) {}
   void OnIoComplete(uint64_t cookie, const Status& status) override {
     if (kind_ == IoKind::kRead) {
-      m_->OnPullDone(cookie, status);
+      m_->OnPullDone(ChunkTransfer::SlotOf(cookie), status);
     } else {
-      m_->OnPushDone(cookie, status);
+      m_->OnPushDone(ChunkTransfer::SlotOf(cookie), status);
     }
   }
 
@@ -365,36 +360,14 @@ void Mount::PullLoop() {
 
 void Mount::SubmitChunk(IoKind kind, Slot& s, size_t slot, std::byte* staged, const Buffer& buffer,
                         IoCallback* done) {
-  const size_t len = ChunkLength(s.chunk);
-  const size_t piece = std::min(len, remote().max_transfer());
-  const size_t pieces = (len + piece - 1) / piece;
-  s.failed.store(false, std::memory_order_relaxed);
-  s.error = Status::Ok();
-  s.remaining.store(static_cast<uint32_t>(pieces), std::memory_order_release);
-  // Nothing of the slot may be touched after the last Submit: it can complete inline.
-  const uint64_t base = s.chunk * chunk_size_;
-  IoRequest requests[kRequestsPerSubmit];
-  for (size_t i = 0; i < pieces;) {
-    size_t n = 0;
-    for (; n < kRequestsPerSubmit && i < pieces; ++n, ++i) {
-      const size_t at = i * piece;
-      requests[n] = IoRequest{kind, base + at, {staged + at, std::min(piece, len - at)}, &buffer, done, slot};
-    }
-    remote().Submit({requests, n});
-  }
-}
-
-bool Mount::CompleteOne(Slot& s, const Status& status, Status* result) {
-  if (!status.ok() && !s.failed.exchange(true, std::memory_order_acq_rel)) s.error = status;
-  if (s.remaining.fetch_sub(1, std::memory_order_acq_rel) != 1) return false;
-  *result = s.failed.load(std::memory_order_acquire) ? s.error : Status::Ok();
-  return true;
+  s.transfer.Submit(remote(), kind, s.chunk * chunk_size_, {staged, ChunkLength(s.chunk)},
+                    remote().max_transfer(), buffer, done, slot);
 }
 
 void Mount::OnPullDone(size_t slot, const Status& piece_status) {
   Status status;
   Slot& s = pull_slots_[slot];
-  if (!CompleteOne(s, piece_status, &status)) return;
+  if (!s.transfer.CompleteOne(piece_status, &status)) return;
   const uint64_t chunk = s.chunk;
   const bool demand = s.demand;
   const size_t len = ChunkLength(chunk);
@@ -436,7 +409,7 @@ void Mount::OnPullDone(size_t slot, const Status& piece_status) {
 
 void Mount::OnPushDone(size_t slot, const Status& piece_status) {
   Status status;
-  if (!CompleteOne(push_slots_[slot], piece_status, &status)) return;
+  if (!push_slots_[slot].transfer.CompleteOne(piece_status, &status)) return;
   const uint64_t chunk = push_slots_[slot].chunk;
   if (status.ok()) {
     counters_.pushes.fetch_add(1, std::memory_order_relaxed);

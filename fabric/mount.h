@@ -51,6 +51,7 @@
 #include <vector>
 
 #include "fabric/chunk_map.h"
+#include "fabric/chunk_transfer.h"
 #include "fabric/os.h"
 #include "fabric/remote.h"
 #include "fabric/thread_annotations.h"
@@ -205,9 +206,7 @@ class Mount {
   struct Slot {
     uint64_t chunk = 0;
     bool demand = false;
-    std::atomic<uint32_t> remaining{0};
-    std::atomic<bool> failed{false};
-    Status error;  // written once, by whoever set `failed`
+    ChunkTransfer transfer;
   };
   using Clock = std::chrono::steady_clock;
 
@@ -232,7 +231,6 @@ class Mount {
   void PushLoop() MF_EXCLUDES(mu_);
   void SubmitChunk(IoKind kind, Slot& s, size_t slot, std::byte* staged, const Buffer& buffer,
                    IoCallback* done);
-  static bool CompleteOne(Slot& s, const Status& status, Status* result);
   void OnPullDone(size_t slot, const Status& status) MF_EXCLUDES(mu_);
   void OnPushDone(size_t slot, const Status& status) MF_EXCLUDES(push_mu_);
   // Pushes every dirty chunk and waits for the pushes; the first error or OK.

@@ -45,7 +45,7 @@ class Mapping::PushDone final : public fabric::IoCallback {
  public:
   explicit PushDone(Mapping* m) : m_(m) {}
   void OnIoComplete(uint64_t cookie, const Status& status) override {
-    m_->OnPushDone(cookie / kMaxPieces, status);
+    m_->OnPushDone(fabric::ChunkTransfer::SlotOf(cookie), status);
   }
 
  private:
@@ -365,27 +365,8 @@ void Mapping::PrefetchLoop() {
 
 void Mapping::SubmitChunk(fabric::IoKind kind, Slot& s, size_t slot, std::byte* staged,
                           const fabric::Buffer& buffer, fabric::IoCallback* done) {
-  const size_t len = ChunkLength(s.chunk);
-  const size_t piece = std::min(len, s.piece);
-  const auto pieces = static_cast<uint32_t>((len + piece - 1) / piece);
-  s.failed.store(false, std::memory_order_relaxed);
-  s.error = Status::Ok();
-  s.remaining.store(pieces, std::memory_order_release);
-  fabric::IoRequest requests[kMaxPieces];
-  for (uint32_t i = 0; i < pieces; ++i) {
-    const size_t at = size_t{i} * piece;
-    requests[i] =
-        fabric::IoRequest{kind, s.chunk * chunk_size_ + at, {staged + at, std::min(piece, len - at)}, &buffer,
-                          done, slot * kMaxPieces + i};
-  }
-  remote_.Submit({requests, pieces});
-}
-
-bool Mapping::CompleteOne(Slot& s, const Status& status, Status* result) {
-  if (!status.ok() && !s.failed.exchange(true, std::memory_order_acq_rel)) s.error = status;
-  if (s.remaining.fetch_sub(1, std::memory_order_acq_rel) != 1) return false;
-  *result = s.failed.load(std::memory_order_acquire) ? s.error : Status::Ok();
-  return true;
+  s.transfer.Submit(remote_, kind, s.chunk * chunk_size_, {staged, ChunkLength(s.chunk)}, s.piece, buffer,
+                    done, slot);
 }
 
 void Mapping::StartPull(uint64_t chunk, size_t slot, bool prefetch) {
@@ -408,14 +389,14 @@ void Mapping::StartPush(uint64_t chunk, size_t slot) {
 }
 
 void Mapping::OnPullDone(uint64_t cookie, const Status& piece_status) {
-  const size_t slot = cookie / kMaxPieces;
+  const size_t slot = fabric::ChunkTransfer::SlotOf(cookie);
   Slot& ps = pull_slots_[slot];
   const size_t len = ChunkLength(ps.chunk);
   std::byte* addr = ChunkAddress(ps.chunk);
   if (piece_status.ok()) {
     // Install this piece now; the pieces of a chunk are disjoint, so their installs may
     // run at once on the transport's threads.
-    const size_t at = (cookie % kMaxPieces) * ps.piece;
+    const size_t at = fabric::ChunkTransfer::PieceOf(cookie) * ps.piece;
     Status copied = uffd_->Copy(addr + at, pull_buffer_.data() + slot * chunk_size_ + at,
                                 std::min(ps.piece, len - at), tracking_ != WriteTracking::kOff);
     if (!copied.ok() && !ps.install_failed.exchange(true, std::memory_order_acq_rel)) {
@@ -424,7 +405,7 @@ void Mapping::OnPullDone(uint64_t cookie, const Status& piece_status) {
     }
   }
   Status status;
-  if (!CompleteOne(ps, piece_status, &status)) return;
+  if (!ps.transfer.CompleteOne(piece_status, &status)) return;
   if (status.ok()) {
     if (!ps.install_failed.load(std::memory_order_acquire)) {
       (ps.prefetch ? counters_.prefetches : counters_.pulls).fetch_add(1, std::memory_order_relaxed);
@@ -486,7 +467,7 @@ void Mapping::FailChunk(uint64_t chunk) {
 
 void Mapping::OnPushDone(size_t slot, const Status& piece_status) {
   Status status;
-  if (!CompleteOne(push_slots_[slot], piece_status, &status)) return;
+  if (!push_slots_[slot].transfer.CompleteOne(piece_status, &status)) return;
   MutexLock lock(push_mu_);
   const uint64_t chunk = push_slots_[slot].chunk;
   if (status.ok()) {
@@ -585,7 +566,7 @@ Status Mapping::Sync() {
       Status s = uffd_->WriteProtect(addr, len, true);
       if (!s.ok()) {
         chunks_.SetDirty(chunk, true);
-        push_slots_[slot].remaining.store(1);
+        push_slots_[slot].transfer.Expect(1);
         OnPushDone(slot, s);
         continue;
       }

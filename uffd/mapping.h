@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "fabric/chunk_map.h"
+#include "fabric/chunk_transfer.h"
 #include "fabric/remote.h"
 #include "fabric/thread_annotations.h"
 #include "uffd/userfaultfd.h"
@@ -141,9 +142,7 @@ class Mapping {
     uint64_t chunk = 0;
     bool prefetch = false;
     size_t piece = 0;
-    std::atomic<uint32_t> remaining{0};
-    std::atomic<bool> failed{false};
-    Status error;                             // written once, by whoever set `failed`
+    fabric::ChunkTransfer transfer;
     std::atomic<bool> install_failed{false};  // a pull's UFFDIO_COPY of a piece failed
   };
 
@@ -161,14 +160,9 @@ class Mapping {
   void SyncLoop() MF_EXCLUDES(mu_);
   void StartPull(uint64_t chunk, size_t slot, bool prefetch);
   void StartPush(uint64_t chunk, size_t slot);
-  // Submits the chunk's transfer from/to `staged` in requests of s.piece bytes (the last
-  // may be shorter); request i completes with cookie slot * kMaxPieces + i.
+  // Submits the chunk's transfer from/to `staged` in requests of s.piece bytes.
   void SubmitChunk(fabric::IoKind kind, Slot& s, size_t slot, std::byte* staged, const fabric::Buffer& buffer,
                    fabric::IoCallback* done);
-  static constexpr uint64_t kMaxPieces = kMaxChunkSize / kPageSize;
-  // Records one request's completion; true when it was the slot's last (then *status is
-  // the slot's first error, or OK).
-  static bool CompleteOne(Slot& s, const Status& status, Status* result);
   // One piece of a pull arrived (cookie from SubmitChunk): installs it, and after the last
   // finishes the chunk.
   void OnPullDone(uint64_t cookie, const Status& status) MF_EXCLUDES(mu_);
