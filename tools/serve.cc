@@ -250,7 +250,8 @@ void AddServeCommand(CLI::App& app, std::vector<Command>& commands) {
   sub->add_option("--poll-spin", flags->poll_spin_us,
                   "Microseconds a TCP worker keeps polling its connections after serving a request "
                   "before it sleeps: a client's next request then costs no thread wake-up (page "
-                  "faults in a row) at the price of CPU while busy; 0: always sleep")
+                  "faults in a row) at the price of CPU while busy (it yields to any thread waiting for "
+                  "that CPU); 0: always sleep")
       ->check(CLI::Range(int64_t{0}, int64_t{1000000}))
       ->capture_default_str();
   sub->add_option("--rdma", flags->rdma,
