@@ -127,7 +127,9 @@ Status Mapping::Init() {
 
   const size_t prefetch_slots = options_.prefetch ? options_.prefetch_depth : 0;
   const size_t pull_slots = options_.fault_depth + prefetch_slots;
-  MF_ASSIGN_OR_RETURN(pull_buffer_, remote_.AllocateBuffer(pull_slots * chunk_size_));
+  run_chunks_ = static_cast<uint32_t>(std::max<size_t>(1, kPrefetchRun / chunk_size_));
+  MF_ASSIGN_OR_RETURN(pull_buffer_, remote_.AllocateBuffer(
+                                        (options_.fault_depth + prefetch_slots * run_chunks_) * chunk_size_));
   pull_slots_ = std::make_unique<Slot[]>(pull_slots);
   pull_slot_count_ = pull_slots;
   pull_done_ = std::make_unique<PullDone>(this);
@@ -160,6 +162,17 @@ Mapping::~Mapping() {
 size_t Mapping::ChunkLength(uint64_t chunk) const {
   const uint64_t offset = chunk * chunk_size_;
   return static_cast<size_t>(std::min<uint64_t>(chunk_size_, size_ - offset));
+}
+
+size_t Mapping::RunLength(uint64_t chunk, uint32_t count) const {
+  const uint64_t offset = chunk * chunk_size_;
+  return static_cast<size_t>(std::min<uint64_t>(uint64_t{count} * chunk_size_, size_ - offset));
+}
+
+std::byte* Mapping::PullStaging(size_t slot) const {
+  const size_t faults = options_.fault_depth;
+  const size_t chunks = slot < faults ? slot : faults + (slot - faults) * run_chunks_;
+  return pull_buffer_.data() + chunks * chunk_size_;
 }
 
 void Mapping::Notify() {
@@ -219,7 +232,7 @@ void Mapping::FaultLoop() {
         slot = free_fault_slots_.back();
         free_fault_slots_.pop_back();
       }
-      StartPull(chunk, slot, false);
+      StartPull(chunk, 1, slot, false);
     }
     if ((fds[0].revents & (POLLIN | POLLERR)) == 0) continue;
     auto n = uffd_->ReadMessages(messages);
@@ -275,7 +288,7 @@ void Mapping::HandleMissing(uint64_t address) {
         slot = free_fault_slots_.back();
         free_fault_slots_.pop_back();
       }
-      StartPull(chunk, slot, false);
+      StartPull(chunk, 1, slot, false);
       return;
     }
     case fabric::ChunkState::kInFlight:
@@ -342,7 +355,8 @@ void Mapping::PrefetchLoop() {
   for (uint64_t c = 0; c < chunks_.size(); ++c) {
     if (!listed[c]) order.push_back(c);
   }
-  for (uint64_t chunk : order) {
+  for (size_t next = 0; next < order.size();) {
+    const uint64_t chunk = order[next++];
     if (chunks_.state(chunk) != fabric::ChunkState::kRemote) continue;
     size_t slot = 0;
     {
@@ -359,25 +373,33 @@ void Mapping::PrefetchLoop() {
       free_prefetch_slots_.push_back(slot);
       continue;
     }
-    StartPull(chunk, slot, true);
+    // The chunks that follow in the order and in the region join the pull while they are
+    // still remote.
+    uint32_t count = 1;
+    while (count < run_chunks_ && next < order.size() && order[next] == chunk + count &&
+           chunks_.TryClaim(order[next])) {
+      ++count;
+      ++next;
+    }
+    StartPull(chunk, count, slot, true);
   }
 }
 
 void Mapping::SubmitChunk(fabric::IoKind kind, Slot& s, size_t slot, std::byte* staged,
                           const fabric::Buffer& buffer, fabric::IoCallback* done) {
-  s.transfer.Submit(remote_, kind, s.chunk * chunk_size_, {staged, ChunkLength(s.chunk)}, s.piece, buffer,
-                    done, slot);
+  s.transfer.Submit(remote_, kind, s.chunk * chunk_size_, {staged, RunLength(s.chunk, s.count)}, s.piece,
+                    buffer, done, slot);
 }
 
-void Mapping::StartPull(uint64_t chunk, size_t slot, bool prefetch) {
+void Mapping::StartPull(uint64_t chunk, uint32_t count, size_t slot, bool prefetch) {
   Slot& s = pull_slots_[slot];
   s.chunk = chunk;
+  s.count = count;
   s.prefetch = prefetch;
   s.piece = std::min(remote_.max_transfer(), kInstallPiece);
   s.install_failed.store(false, std::memory_order_relaxed);
   if (!prefetch) fault_pulls_.fetch_add(1, std::memory_order_relaxed);
-  SubmitChunk(fabric::IoKind::kRead, s, slot, pull_buffer_.data() + slot * chunk_size_, pull_buffer_,
-              pull_done_.get());
+  SubmitChunk(fabric::IoKind::kRead, s, slot, PullStaging(slot), pull_buffer_, pull_done_.get());
 }
 
 void Mapping::StartPush(uint64_t chunk, size_t slot) {
@@ -391,14 +413,14 @@ void Mapping::StartPush(uint64_t chunk, size_t slot) {
 void Mapping::OnPullDone(uint64_t cookie, const Status& piece_status) {
   const size_t slot = fabric::ChunkTransfer::SlotOf(cookie);
   Slot& ps = pull_slots_[slot];
-  const size_t len = ChunkLength(ps.chunk);
+  const size_t len = RunLength(ps.chunk, ps.count);
   std::byte* addr = ChunkAddress(ps.chunk);
   if (piece_status.ok()) {
     // Install this piece now; the pieces of a chunk are disjoint, so their installs may
     // run at once on the transport's threads.
     const size_t at = fabric::ChunkTransfer::PieceOf(cookie) * ps.piece;
-    Status copied = uffd_->Copy(addr + at, pull_buffer_.data() + slot * chunk_size_ + at,
-                                std::min(ps.piece, len - at), tracking_ != WriteTracking::kOff);
+    Status copied = uffd_->Copy(addr + at, PullStaging(slot) + at, std::min(ps.piece, len - at),
+                                tracking_ != WriteTracking::kOff);
     if (!copied.ok() && !ps.install_failed.exchange(true, std::memory_order_acq_rel)) {
       // ENOENT/ESRCH: the range or the process is going away; nothing waits any more.
       spdlog::warn("uffd mapping: install chunk {}: {}", ps.chunk, copied.ToString());
@@ -408,17 +430,19 @@ void Mapping::OnPullDone(uint64_t cookie, const Status& piece_status) {
   if (!ps.transfer.CompleteOne(piece_status, &status)) return;
   if (status.ok()) {
     if (!ps.install_failed.load(std::memory_order_acquire)) {
-      (ps.prefetch ? counters_.prefetches : counters_.pulls).fetch_add(1, std::memory_order_relaxed);
+      (ps.prefetch ? counters_.prefetches : counters_.pulls).fetch_add(ps.count, std::memory_order_relaxed);
       counters_.bytes_pulled.fetch_add(len, std::memory_order_relaxed);
-      // Pages dropped while the pull ran: the chunk is remote again, and a thread that
-      // faulted on them after the install is woken to fault (and pull) once more.
-      if (!chunks_.FinishPull(ps.chunk)) (void)uffd_->Wake(addr, len);
+      for (uint64_t c = ps.chunk; c < ps.chunk + ps.count; ++c) {
+        // Pages dropped while the pull ran: the chunk is remote again, and a thread that
+        // faulted on them after the install is woken to fault (and pull) once more.
+        if (!chunks_.FinishPull(c)) (void)uffd_->Wake(ChunkAddress(c), ChunkLength(c));
+      }
     } else {
-      chunks_.Set(ps.chunk, fabric::ChunkState::kRemote);
+      for (uint64_t c = ps.chunk; c < ps.chunk + ps.count; ++c) chunks_.Set(c, fabric::ChunkState::kRemote);
     }
   } else if (ps.prefetch) {
-    // Give the chunk back; anyone who faulted on it meanwhile retries as a fault pull.
-    chunks_.Set(ps.chunk, fabric::ChunkState::kRemote);
+    // Give the chunks back; anyone who faulted on them meanwhile retries as a fault pull.
+    for (uint64_t c = ps.chunk; c < ps.chunk + ps.count; ++c) chunks_.Set(c, fabric::ChunkState::kRemote);
     (void)uffd_->Wake(addr, len);
     MutexLock lock(mu_);
     if (prefetch_error_.ok() && !stopping_) {

@@ -3,8 +3,9 @@
 // The range is reserved with mmap and registered with userfaultfd. First touch of a page
 // faults; a handler thread pulls the containing chunk over the Remote into a staging
 // Buffer and installs it with UFFDIO_COPY (concurrent faults on one chunk wait for one
-// pull). A prefetch thread pulls ahead in sequential or caller-given order; faults use
-// their own staging slots, so they never wait behind prefetch.
+// pull). A prefetch thread pulls ahead in sequential or caller-given order, in runs of
+// consecutive chunks up to kPrefetchRun bytes; faults use their own staging slots, so they
+// never wait behind prefetch.
 //
 // Writes are tracked per chunk with userfaultfd write-protect: asynchronous WP plus
 // PAGEMAP_SCAN where the kernel has them (>= 6.7), synchronous WP faults otherwise. Sync()
@@ -61,6 +62,11 @@ constexpr size_t kLockStripes = 64;
 // a thread waiting on a page of an arrived piece runs on at once.
 constexpr size_t kInstallPiece = 256u << 10;
 static_assert(kInstallPiece % kPageSize == 0);
+// Prefetch pulls chunks that follow each other in its order together, up to this many
+// bytes per pull: with small chunks one request per chunk would cap prefetch at the
+// transport's request rate.
+constexpr size_t kPrefetchRun = 64u << 10;
+static_assert(kPrefetchRun <= kInstallPiece);
 // How long the fault thread keeps polling after a fault or a completion before it sleeps.
 constexpr std::chrono::microseconds kDefaultPollSpin{50};
 static_assert(IsPowerOfTwo(kMinChunkSize) && IsPowerOfTwo(kMaxChunkSize) && kMinChunkSize <= kMaxChunkSize);
@@ -138,8 +144,10 @@ class Mapping {
   class PushDone;
   // A chunk larger than the transport's max_transfer() (or, for pulls, kInstallPiece)
   // moves in several requests of `piece` bytes; the last one to complete finishes the slot.
+  // A prefetch slot may carry a run of `count` consecutive chunks.
   struct Slot {
     uint64_t chunk = 0;
+    uint32_t count = 1;
     bool prefetch = false;
     size_t piece = 0;
     fabric::ChunkTransfer transfer;
@@ -150,6 +158,10 @@ class Mapping {
   Status Init();
   size_t ChunkLength(uint64_t chunk) const;
   std::byte* ChunkAddress(uint64_t chunk) const { return base_ + chunk * chunk_size_; }
+  // Bytes of the run of `count` chunks from `chunk` (the last chunk may be short).
+  size_t RunLength(uint64_t chunk, uint32_t count) const;
+  // A pull slot's staging bytes: fault slots hold one chunk, prefetch slots a run.
+  std::byte* PullStaging(size_t slot) const;
 
   void FaultLoop();
   void HandleMissing(uint64_t address) MF_EXCLUDES(mu_);
@@ -158,9 +170,10 @@ class Mapping {
   void HandleUnmap(uint64_t start, uint64_t end) MF_EXCLUDES(mu_);
   void PrefetchLoop() MF_EXCLUDES(mu_);
   void SyncLoop() MF_EXCLUDES(mu_);
-  void StartPull(uint64_t chunk, size_t slot, bool prefetch);
+  // Pulls `count` consecutive chunks from `chunk` (claimed by the caller) into `slot`.
+  void StartPull(uint64_t chunk, uint32_t count, size_t slot, bool prefetch);
   void StartPush(uint64_t chunk, size_t slot);
-  // Submits the chunk's transfer from/to `staged` in requests of s.piece bytes.
+  // Submits the transfer of the slot's chunks from/to `staged` in requests of s.piece bytes.
   void SubmitChunk(fabric::IoKind kind, Slot& s, size_t slot, std::byte* staged, const fabric::Buffer& buffer,
                    fabric::IoCallback* done);
   // One piece of a pull arrived (cookie from SubmitChunk): installs it, and after the last
@@ -184,7 +197,8 @@ class Mapping {
   UniqueFd pagemap_fd_;  // /proc/self/pagemap, for PAGEMAP_SCAN
   MappedMemory memory_;
   std::byte* base_ = nullptr;
-  fabric::Buffer pull_buffer_;  // fault_depth + prefetch_depth slots of chunk_size
+  fabric::Buffer pull_buffer_;  // fault_depth slots of chunk_size, prefetch_depth of run_chunks_
+  uint32_t run_chunks_ = 1;     // chunks per prefetch pull at most (kPrefetchRun)
   fabric::Buffer push_buffer_;  // push_depth slots of chunk_size
   std::unique_ptr<PullDone> pull_done_;
   std::unique_ptr<PushDone> push_done_;

@@ -201,6 +201,30 @@ INSTANTIATE_TEST_SUITE_P(Chunks, MappingTest,
                                            Param{4u << 10, true, WriteTracking::kAsync}),
                          Name);
 
+TEST(Mapping, PrefetchPullsRunsOfSmallChunksInOneRequest) {
+  constexpr size_t kSize = 8u << 20;
+  constexpr size_t kChunk = 4u << 10;
+  constexpr uint64_t kChunks = kSize / kChunk;
+  constexpr uint64_t kRun = kPrefetchRun / kChunk;
+  auto region = std::make_shared<MemoryRegion>("runs", kSize);
+  FillPattern(region->bytes(), 6);
+  MemoryRemote remote(region, false);
+  MappingOptions o;
+  o.chunk_size = kChunk;
+  // Order: 5, 3, then 0 1 2 4 6 7 ...: runs break where the order is not consecutive.
+  o.prefetch_order = {5, 3};
+  auto m = Mapping::Create(remote, o);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  ASSERT_TRUE((*m)->WaitPrefetched(std::chrono::seconds(20)).ok());
+  EXPECT_EQ(std::memcmp((*m)->data(), region->data(), kSize), 0);
+  const MappingStats st = (*m)->stats();
+  EXPECT_EQ(st.prefetches, kChunks);
+  EXPECT_EQ(st.bytes_pulled, kSize);
+  EXPECT_EQ(st.faults, 0u);
+  // [5] [3] [0 1 2] [4] then runs of kRun from 6 on.
+  EXPECT_EQ(remote.requests_served(), 4 + (kChunks - 6 + kRun - 1) / kRun);
+}
+
 TEST(Mapping, ChunksLargerThanTheTransportsLimitAreSplit) {
   auto region = std::make_shared<MemoryRegion>("split", 8u << 20);
   FillPattern(region->bytes(), 5);
