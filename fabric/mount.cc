@@ -10,7 +10,6 @@
 #include <numeric>
 
 namespace mf::fabric {
-namespace {}  // namespace
 
 // Routes a Remote's completions to OnPullDone or OnPushDone, by the cookie's slot.
 class Mount::Done final : public IoCallback {

@@ -159,11 +159,6 @@ Mapping::~Mapping() {
   (void)Close();
 }
 
-size_t Mapping::ChunkLength(uint64_t chunk) const {
-  const uint64_t offset = chunk * chunk_size_;
-  return static_cast<size_t>(std::min<uint64_t>(chunk_size_, size_ - offset));
-}
-
 size_t Mapping::RunLength(uint64_t chunk, uint32_t count) const {
   const uint64_t offset = chunk * chunk_size_;
   return static_cast<size_t>(std::min<uint64_t>(uint64_t{count} * chunk_size_, size_ - offset));

@@ -156,10 +156,10 @@ class Mapping {
 
   Mapping(fabric::Remote& remote, const MappingOptions& options);
   Status Init();
-  size_t ChunkLength(uint64_t chunk) const;
-  std::byte* ChunkAddress(uint64_t chunk) const { return base_ + chunk * chunk_size_; }
-  // Bytes of the run of `count` chunks from `chunk` (the last chunk may be short).
+  // Bytes of the run of `count` chunks from `chunk` (the region's last chunk may be short).
   size_t RunLength(uint64_t chunk, uint32_t count) const;
+  size_t ChunkLength(uint64_t chunk) const { return RunLength(chunk, 1); }
+  std::byte* ChunkAddress(uint64_t chunk) const { return base_ + chunk * chunk_size_; }
   // A pull slot's staging bytes: fault slots hold one chunk, prefetch slots a run.
   std::byte* PullStaging(size_t slot) const;
 
