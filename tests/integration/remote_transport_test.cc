@@ -188,6 +188,35 @@ TEST_P(RemoteTransport, CallerPolling) {
   EXPECT_TRUE(got == data);
 }
 
+// A polling caller that submits more requests than the connection has slots: the
+// transport's own thread is asleep, so Submit takes completions itself instead of waiting
+// for a slot until the requests time out (the 3 s I/O timeout would fail them).
+TEST_P(RemoteTransport, CallerPollingSubmitsBeyondTheQueueDepth) {
+  constexpr size_t kRequests = 64;
+  constexpr size_t kPiece = 4096;
+  MF_ASSERT_OK_AND_ASSIGN(auto client, Connect());
+  MF_ASSERT_OK(client->Create({"q", kRequests * kPiece, fabric::BackingKind::kAnonymous, ""}).status());
+  MF_ASSERT_OK_AND_ASSIGN(auto remote, client->Open("q", OpenOpts(true, 1, 2)));
+  std::vector<std::byte> data(kRequests * kPiece);
+  FillPattern(data, 9);
+  MF_ASSERT_OK(fabric::WriteAt(*remote, 0, data));
+  MF_ASSERT_OK_AND_ASSIGN(fabric::Buffer buffer, remote->AllocateBuffer(data.size()));
+  std::memset(buffer.data(), 0, buffer.size());
+  fabric::IoBatch batch(kRequests);
+  std::vector<fabric::IoRequest> requests(kRequests);
+  for (uint64_t i = 0; i < kRequests; ++i) {
+    requests[i] = {
+        fabric::IoKind::kRead, i * kPiece, buffer.span().subspan(i * kPiece, kPiece), &buffer, &batch, i};
+  }
+  remote->SetCallerPolling(true);
+  remote->Submit(requests);
+  const auto deadline = Clock::now() + seconds(10);
+  while (!batch.done() && Clock::now() < deadline) remote->Poll();
+  remote->SetCallerPolling(false);
+  MF_ASSERT_OK(batch.Wait());
+  EXPECT_EQ(std::memcmp(buffer.data(), data.data(), data.size()), 0);
+}
+
 TEST_P(RemoteTransport, OutOfRangeFailsAndLeavesOtherMemoryAlone) {
   constexpr uint64_t kSize = 64u << 10;
   MF_ASSERT_OK_AND_ASSIGN(auto client, Connect());

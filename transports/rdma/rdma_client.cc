@@ -12,6 +12,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <shared_mutex>
 #include <thread>
@@ -86,12 +87,20 @@ class QueuePair {
   CmId& id() { return id_; }
 
   // Posts requests[0..n) (already validated) and blocks while the slot table is full.
-  // Requests that cannot be posted are appended to `failed`.
+  // Requests that cannot be posted are appended to `failed`. While the table is full,
+  // `reap` (called without mu_) may take completions itself; it returns false when it
+  // leaves that to the completion thread, and the call then sleeps until a slot is free.
   void Post(std::span<const fabric::IoRequest> requests, uint64_t remote_addr, uint32_t rkey,
-            std::vector<Completion>* failed) MF_EXCLUDES(mu_) {
+            const std::function<bool()>& reap, std::vector<Completion>* failed) MF_EXCLUDES(mu_) {
     size_t next = 0;
     MutexLock lock(mu_);
     while (next < requests.size()) {
+      if (!dead_ && free_.empty()) {
+        mu_.Unlock();
+        const bool reaped = reap();
+        mu_.Lock();
+        if (reaped) continue;
+      }
       space_.wait(mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return dead_ || !free_.empty(); });
       if (dead_) break;
       const size_t m = std::min(requests.size() - next, free_.size());
@@ -274,6 +283,7 @@ class RdmaRemote final : public fabric::Remote {
   }
 
   void Submit(std::span<const fabric::IoRequest> requests) override {
+    // Requests that failed, and completions taken while posting (see PostValid).
     std::vector<Completion> failed;
     // Requests are validated up front; the valid ones go to the queue pairs in groups.
     size_t valid_begin = 0;
@@ -376,6 +386,15 @@ class RdmaRemote final : public fabric::Remote {
       for (const auto& r : requests) failed->push_back({r.callback, r.cookie, st});
       return;
     }
+    // While callers poll, the completion thread sleeps: with a full slot table this
+    // thread may be the one that would poll, so it takes completions itself (their
+    // callbacks run with the failed ones, after the session lock).
+    auto reap = [this, s, failed]() -> bool {
+      if (caller_pollers_.load() == 0) return false;
+      std::array<ibv_wc, kPollBatch> wcs;
+      if (!Collect(*s, wcs, failed)) GiveWayWhileSpinning();
+      return true;
+    };
     // Spread the batch over the queue pairs in contiguous groups, starting round-robin.
     const size_t n = s->qps.size();
     const size_t groups = std::min(n, requests.size());
@@ -383,7 +402,8 @@ class RdmaRemote final : public fabric::Remote {
     size_t begin = 0;
     for (size_t g = 0; g < groups; ++g) {
       const size_t end = requests.size() * (g + 1) / groups;
-      s->qps[(first + g) % n]->Post(requests.subspan(begin, end - begin), s->remote_addr, s->rkey, failed);
+      s->qps[(first + g) % n]->Post(requests.subspan(begin, end - begin), s->remote_addr, s->rkey, reap,
+                                    failed);
       begin = end;
     }
   }

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "fabric/auth.h"
+#include "fabric/os.h"
 #include "fabric/remote.h"
 #include "transports/tcp/stream.h"
 #include "transports/tcp/wire.h"
@@ -238,27 +239,37 @@ size_t DataConnection::Send(std::span<const Outgoing> requests, Status* why) {
   std::array<uint32_t, kMaxGather> index{};
   std::array<uint64_t, kMaxGather> tag{};
   size_t count = 0;
-  {
-    MutexLock lock(mu_);
-    // The analysis cannot see through the predicate; mu_ is held when it runs.
-    slot_cv_.wait(mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return dead_ || !free_.empty(); });
-    if (dead_) {
-      *why = dead_status_;
-      return 0;
+  if (requests.empty()) return 0;
+  for (;;) {
+    {
+      MutexLock lock(mu_);
+      // While callers poll, the reader is parked: the wait below could last until the
+      // requests time out if this thread is the one that would poll.
+      if (caller_pollers_->load() == 0) {
+        // The analysis cannot see through the predicate; mu_ is held when it runs.
+        slot_cv_.wait(mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return dead_ || !free_.empty(); });
+      }
+      if (dead_) {
+        *why = dead_status_;
+        return 0;
+      }
+      count = std::min({requests.size(), free_.size(), kMaxGather});
+      const auto deadline = Clock::now() + io_timeout_;
+      for (size_t i = 0; i < count; ++i) {
+        index[i] = free_.back();
+        free_.pop_back();
+        Slot& s = slots_[index[i]];
+        s.request = *requests[i].request;
+        s.opcode = requests[i].opcode;
+        s.in_use = true;
+        s.sending = true;
+        s.deadline = deadline;
+        tag[i] = (static_cast<uint64_t>(s.generation) << 32) | index[i];
+      }
+      if (count > 0) break;
     }
-    count = std::min({requests.size(), free_.size(), kMaxGather});
-    const auto deadline = Clock::now() + io_timeout_;
-    for (size_t i = 0; i < count; ++i) {
-      index[i] = free_.back();
-      free_.pop_back();
-      Slot& s = slots_[index[i]];
-      s.request = *requests[i].request;
-      s.opcode = requests[i].opcode;
-      s.in_use = true;
-      s.sending = true;
-      s.deadline = deadline;
-      tag[i] = (static_cast<uint64_t>(s.generation) << 32) | index[i];
-    }
+    // Every slot is taken and callers poll: take replies here to free one.
+    if (PollReplies() == 0) GiveWayWhileSpinning();
   }
   // Headers and payloads, straight from the callers' Buffers.
   std::array<std::array<std::byte, wire::kFrameHeaderSize>, kMaxGather> headers{};
