@@ -13,6 +13,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -23,6 +24,7 @@
 #include <future>
 #include <optional>
 #include <span>
+#include <sstream>
 #include <utility>
 
 namespace mf::nbd {
@@ -742,6 +744,89 @@ void Device::ReplaceDeadConnections() {
     spdlog::warn("nbd: {}: the kernel dropped a connection; cannot replace it: {}", path_,
                  replaced.ToString());
   }
+}
+
+namespace {
+
+// "python3" for a pid, or "" when it is gone.
+std::string ProcessName(const std::string& pid) {
+  return ReadSysfs("/proc/" + pid + "/comm").value_or("");
+}
+
+// Mount points of the block device `rdev` in this mount namespace (/proc/self/mountinfo:
+// field 3 is MAJOR:MINOR, field 5 the mount point).
+std::vector<std::string> MountPointsOf(dev_t rdev) {
+  std::vector<std::string> points;
+  std::ifstream in("/proc/self/mountinfo");
+  const std::string device = std::to_string(major(rdev)) + ":" + std::to_string(minor(rdev));
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    std::string id, parent, numbers, root, point;
+    if (fields >> id >> parent >> numbers >> root >> point && numbers == device) points.push_back(point);
+  }
+  return points;
+}
+
+bool IsSwapArea(const std::string& path) {
+  std::ifstream in("/proc/swaps");
+  std::string line;
+  std::getline(in, line);  // the header
+  while (std::getline(in, line)) {
+    if (line.substr(0, line.find_first_of(" \t")) == path) return true;
+  }
+  return false;
+}
+
+// Other processes with the device open (/proc/PID/fd) or mapped (/proc/PID/maps).
+void AddProcessUsers(const std::string& path, dev_t rdev, std::vector<std::string>* users) {
+  namespace fs = std::filesystem;
+  const std::string self = std::to_string(::getpid());
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator("/proc", ec)) {
+    const std::string pid = entry.path().filename();
+    if (pid == self || !ParseNumber<pid_t>(pid)) continue;
+    bool open = false;
+    for (const auto& fd : fs::directory_iterator(entry.path() / "fd", ec)) {
+      struct stat st {};
+      if (::stat(fd.path().c_str(), &st) == 0 && S_ISBLK(st.st_mode) && st.st_rdev == rdev) {
+        open = true;
+        break;
+      }
+    }
+    if (open) users->push_back("open in pid " + pid + " (" + ProcessName(pid) + ")");
+    std::ifstream maps(entry.path() / "maps");
+    std::string line;
+    while (std::getline(maps, line)) {
+      if (line.size() > path.size() && line.compare(line.size() - path.size(), path.size(), path) == 0 &&
+          line[line.size() - path.size() - 1] == ' ') {
+        users->push_back("mapped by pid " + pid + " (" + ProcessName(pid) + ")");
+        break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+Result<std::vector<std::string>> Device::Users() const {
+  struct stat st {};
+  if (::stat(path_.c_str(), &st) != 0) return SysError("stat " + path_);
+  if (!S_ISBLK(st.st_mode)) return Status(Code::kInternal, path_ + " is not a block device");
+  std::vector<std::string> users;
+  for (const std::string& point : MountPointsOf(st.st_rdev)) users.push_back("mounted at " + point);
+  if (IsSwapArea(path_)) users.push_back("swap area (swapon)");
+  std::error_code ec;
+  for (const auto& holder : std::filesystem::directory_iterator(SysBlock(index_) + "/holders", ec)) {
+    users.push_back("used by " + holder.path().filename().string());
+  }
+  AddProcessUsers(path_, st.st_rdev, &users);
+  if (users.empty()) {
+    // Mounts in other namespaces and O_EXCL openers show only as a refused exclusive open.
+    UniqueFd probe(::open(path_.c_str(), O_RDONLY | O_EXCL | O_CLOEXEC | O_NONBLOCK));
+    if (!probe && errno == EBUSY) users.push_back("held exclusively (a mount or swap area elsewhere)");
+  }
+  return users;
 }
 
 Status Device::Detach() {

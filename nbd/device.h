@@ -116,6 +116,15 @@ class Device final {
   // concurrent with the first, returns OK at once.
   Status Detach() MF_EXCLUDES(mu_);
 
+  // Who holds the device, one line each: "mounted at /mnt", "swap area",
+  // "used by dm-0", "open in pid 42 (dd)", "mapped by pid 42 (python3)", or "held
+  // exclusively (a mount or swap area elsewhere)" when the kernel refuses an exclusive
+  // open but none of the above names the holder. This process is not counted. Empty: the
+  // device may be detached without taking anything from anyone. Call it before Detach()
+  // where a user may still hold the device (a file system's unwritten data is lost when
+  // its device is disconnected under it).
+  Result<std::vector<std::string>> Users() const;
+
   int index() const { return index_; }
   const std::string& path() const { return path_; }  // "/dev/nbd3"
   uint64_t size() const { return size_; }

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <thread>
 
 #include "fabric/log.h"
 #include "fabric/region.h"
@@ -29,6 +30,9 @@ constexpr char kMountCmd[] = "mount";
 constexpr char kUnixPrefix[] = "unix:";
 constexpr uint16_t kNbdPort = 10809;  // IANA's port for NBD
 constexpr int kMaxSwapPriority = 32767;
+// ReadyToDetach looks this many times, this far apart, before it calls a device busy.
+constexpr int kBusyChecks = 5;
+constexpr auto kBusyRecheck = std::chrono::milliseconds(200);
 
 constexpr char kNbdFooter[] = R"(Examples:
   # export a region on a unix socket, read-only (no write lease)
@@ -50,7 +54,8 @@ constexpr char kSwapFooter[] = R"(Examples:
   # a crashed memfabric left /dev/nbd3 connected: take it back
   memfabric swap tcp://10.0.0.5:7411/swap /dev/nbd3 --reclaim
 Prints the device on stdout and stays in the foreground; SIGINT/SIGTERM swapoff (which
-pages everything back in: it needs that much free memory) and detach. The region's write
+pages everything back in: it needs that much free memory) and detach. When swapoff fails
+(too little free memory) the swap stays on and served until the next signal. The region's write
 lease is taken, so no other client may write it meanwhile. Everything on it is overwritten.)";
 
 struct NbdServeFlags {
@@ -222,6 +227,31 @@ int RunNbdServe(const NbdServeFlags& flags) {
   return CloseRegion(kNbdCmd, opened);
 }
 
+// Before a detach on SIGINT/SIGTERM: true when nothing holds the device. Otherwise says who
+// does, and the caller keeps it attached until the next signal: disconnecting a mounted
+// device loses the file system's unwritten data. A holder seen only for a moment (udev
+// probing the device after a umount) is waited out.
+bool ReadyToDetach(std::string_view command, const nbd::Device& device) {
+  Result<std::vector<std::string>> users = device.Users();
+  for (int check = 1; users.ok() && !users->empty() && check < kBusyChecks; ++check) {
+    std::this_thread::sleep_for(kBusyRecheck);
+    users = device.Users();
+  }
+  if (!users.ok()) {
+    spdlog::warn("cannot tell whether {} is in use ({}); detaching", device.path(),
+                 users.status().ToString());
+    return true;
+  }
+  if (users->empty()) return true;
+  std::string list;
+  for (const std::string& user : *users) list += (list.empty() ? "" : ", ") + user;
+  std::fprintf(stderr,
+               "%.*s: not detaching %s: it is in use (%s). It stays attached and served; unmount it or "
+               "close the programs using it, then send SIGINT or SIGTERM again.\n",
+               static_cast<int>(command.size()), command.data(), device.path().c_str(), list.c_str());
+  return false;
+}
+
 // ---- swap ---------------------------------------------------------------------------------
 
 // The swap device's memory must never need swap itself: lock this process's pages, and mark
@@ -262,16 +292,21 @@ int RunSwap(const SwapFlags& flags) {
   PrintDevice(*device, opened, false);
   std::fprintf(stderr, "swapping on %s (priority %s)\n", path.c_str(),
                flags.priority >= 0 ? std::to_string(flags.priority).c_str() : "default");
-  const int received = WaitForStopSignal(stop);
-  std::fprintf(stderr, "%s: swapoff %s (pages swapped out come back into memory first)\n",
-               received == SIGINT ? "SIGINT" : "SIGTERM", path.c_str());
-  if (::swapoff(path.c_str()) != 0) {
-    Status failed = Status::FromErrno(errno, "swapoff " + path);
-    // Detaching now would lose the pages still on it: stay attached, leave it to the user.
-    (void)device.release();
-    return Report(kSwapCmd, failed,
-                  "the device stays attached with the swapped pages; free memory, then `swapoff " + path +
-                      "` and stop this process again");
+  for (;;) {
+    const int received = WaitForStopSignal(stop);
+    std::fprintf(stderr, "%s: swapoff %s (pages swapped out come back into memory first)\n",
+                 received == SIGINT ? "SIGINT" : "SIGTERM", path.c_str());
+    // EINVAL: no longer a swap area (someone ran swapoff already).
+    if (::swapoff(path.c_str()) != 0 && errno != EINVAL) {
+      // Detaching now would lose the pages still on it: keep serving them.
+      const Status failed = Status::FromErrno(errno, "swapoff " + path);
+      std::fprintf(stderr,
+                   "swap: %s. %s stays attached, swapped on and served; free memory, then send SIGINT or "
+                   "SIGTERM again.\n",
+                   failed.ToString().c_str(), path.c_str());
+      continue;
+    }
+    if (ReadyToDetach(kSwapCmd, *device)) break;
   }
   if (Status detached = device->Detach(); !detached.ok()) return Report(kSwapCmd, detached);
   std::fprintf(stderr, "%s detached\n", path.c_str());
@@ -291,9 +326,13 @@ int RunNbdMount(const NbdAttachFlags& flags) {
   std::unique_ptr<nbd::Device> device;
   if (int rc = AttachRegion(kMountCmd, flags, &opened, &device); rc != kExitOk) return rc;
   PrintDevice(*device, opened, !opened.remote->writable());
-  const int received = WaitForStop(stop, opened);
-  std::fprintf(stderr, "%s: detaching %s\n", received == SIGINT ? "SIGINT" : "SIGTERM",
-               device->path().c_str());
+  for (;;) {
+    const int received = WaitForStop(stop, opened);
+    if (!ReadyToDetach(kMountCmd, *device)) continue;
+    std::fprintf(stderr, "%s: detaching %s\n", received == SIGINT ? "SIGINT" : "SIGTERM",
+                 device->path().c_str());
+    break;
+  }
   if (Status detached = device->Detach(); !detached.ok()) {
     return Report(kMountCmd, detached, "unmount it (umount) or close the programs using it, then it is free");
   }

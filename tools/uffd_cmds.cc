@@ -37,7 +37,8 @@ constexpr char kMountFooter[] = R"(Examples:
   memfabric mount --uffd tcp://10.0.0.5:7411/cache --writable --fill 0x5a --offset 4M --length 1M
   # keep it mapped, syncing every 2 s, showing how much is local and dirty (Ctrl-C ends)
   memfabric mount --uffd tcp://10.0.0.5:7411/cache --writable --hold --sync-interval 2s
-  # as a block device (root): prints /dev/nbdX, detaches on Ctrl-C or SIGTERM
+  # as a block device (root): prints /dev/nbdX, detaches on Ctrl-C or SIGTERM (not while
+  # it is mounted or open: it then names who holds it and waits for the next signal)
   memfabric mount --nbd tcp://10.0.0.5:7411/disk --writable
   memfabric mount --nbd tcp://10.0.0.5:7411/disk /dev/nbd3 --reclaim   # take nbd3 back from a crash
   # on a local copy in a file, pulled in the background; progress (local, dirty, rates) each second

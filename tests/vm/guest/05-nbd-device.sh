@@ -2,8 +2,9 @@
 # memfabric's kernel block device end to end, in the VM: `memfabric serve` on $MF_VM_ADDR,
 # then through `memfabric mount --nbd` / `memfabric swap` (nbd::Device over netlink):
 #   1. mmap /dev/nbdX, write a pattern, and find it on the server with `memfabric read`;
-#   2. mkfs.ext4 + mount + files + umount, detach, re-attach on the same device, remount and
-#      read the files back;
+#   2. mkfs.ext4 + mount + files; SIGINT while mounted is refused (the device stays attached
+#      and served); umount, detach, re-attach on the same device, remount and read the files
+#      back;
 #   3. a `mount --nbd` killed with SIGKILL leaves its device behind: a new attach names it
 #      and refuses, --reclaim takes it back;
 #   4. `memfabric swap`, then a process that allocates more than the guest's free memory
@@ -114,6 +115,20 @@ cp "$DIR/pattern" "$DIR/mnt/pattern"
 for i in $(seq 1 20); do head -c $((i * 3000)) /dev/urandom >"$DIR/mnt/file$i"; done
 mkdir "$DIR/mnt/sub" && echo hello >"$DIR/mnt/sub/hello"
 (cd "$DIR/mnt" && find . -type f -exec sha256sum {} + >"$DIR/sums")
+# SIGINT while mounted: no detach (the file system would lose its unwritten data); the
+# device stays attached and served, and the message names the mount.
+kill -INT "$attached_pid"
+deadline=$((SECONDS + 30))
+until grep -q "not detaching $DEV: it is in use (mounted at " "$DIR/dev.log"; do
+  kill -0 "$attached_pid" 2>/dev/null || { cat "$DIR/dev.log" >&2; fail "mount --nbd exited on SIGINT with $DEV mounted"; }
+  ((SECONDS < deadline)) || fail "mount --nbd did not refuse to detach the mounted $DEV in 30s"
+  sleep 0.2
+done
+grep "not detaching" "$DIR/dev.log"
+[[ -e /sys/block/${DEV#/dev/}/pid ]] || fail "$DEV was disconnected while mounted"
+sync -f "$DIR/mnt/pattern" || fail "sync on $DEV after the refused detach"
+echo 3 >/proc/sys/vm/drop_caches
+(cd "$DIR/mnt" && sha256sum --quiet -c "$DIR/sums") || fail "files differ after the refused detach"
 umount "$DIR/mnt" || fail "umount $DEV"
 detach "$attached_pid" "$DEV"
 # The re-attach puts the device on a managed mount (--cache): reads come from the local
