@@ -19,6 +19,14 @@ constexpr size_t kScanRegions = 512;
 // reply (a large chunk takes longer than poll_spin), but never longer: a slow server
 // costs a sleeping thread, not a busy core.
 constexpr std::chrono::microseconds kMaxSpinForReply{2000};
+// Sync's write-protect of a chunk is refused with EAGAIN while an event waits unread in the
+// userfaultfd; the fault thread reads it soon, so Sync retries this often, this far apart.
+constexpr int kMaxProtectRetries = 1000;
+constexpr std::chrono::microseconds kProtectRetryDelay{200};
+
+void* PageOf(uint64_t address) {
+  return reinterpret_cast<void*>(address & ~uint64_t{kPageSize - 1});
+}
 
 }  // namespace
 
@@ -57,7 +65,10 @@ Mapping::Mapping(fabric::Remote& remote, const MappingOptions& options)
       options_(options),
       size_(remote.size()),
       chunk_size_(options.chunk_size),
-      chunks_((remote.size() + options.chunk_size - 1) / options.chunk_size) {}
+      chunks_((remote.size() + options.chunk_size - 1) / options.chunk_size),
+      cut_chunks_(new std::atomic<bool>[chunks_.size()]) {
+  for (uint64_t c = 0; c < chunks_.size(); ++c) cut_chunks_[c].store(false, std::memory_order_relaxed);
+}
 
 Result<std::unique_ptr<Mapping>> Mapping::Create(fabric::Remote& remote, const MappingOptions& options) {
   if (!IsPowerOfTwo(options.chunk_size) || options.chunk_size < kMinChunkSize ||
@@ -145,6 +156,7 @@ Status Mapping::Init() {
     MutexLock lock(push_mu_);
     for (size_t i = 0; i < options_.push_depth; ++i) free_push_slots_.push_back(i);
   }
+  initialized_ = true;
 
   fault_thread_ = std::thread([this] { FaultLoop(); });
   if (options_.prefetch) prefetch_thread_ = std::thread([this] { PrefetchLoop(); });
@@ -230,6 +242,8 @@ void Mapping::FaultLoop() {
       StartPull(chunk, 1, slot, false);
     }
     if ((fds[0].revents & (POLLIN | POLLERR)) == 0) continue;
+    // Held from the read to the end of the handling (see events_mu_).
+    MutexLock events_lock(events_mu_);
     auto n = uffd_->ReadMessages(messages);
     if (!n.ok()) {
       spdlog::error("uffd mapping: {}", n.status().ToString());
@@ -265,8 +279,7 @@ void Mapping::HandleMissing(uint64_t address) {
   const auto base = reinterpret_cast<uint64_t>(base_);
   if (address < base || address >= base + size_) {
     // A fault on a range moved away by mremap: it cannot be served.
-    void* page = reinterpret_cast<void*>(address & ~uint64_t{kPageSize - 1});
-    if (!uffd_->Poison(page, kPageSize).ok()) (void)uffd_->Wake(page, kPageSize);
+    FailPages(static_cast<std::byte*>(PageOf(address)), kPageSize);
     return;
   }
   const uint64_t chunk = (address - base) / chunk_size_;
@@ -291,7 +304,7 @@ void Mapping::HandleMissing(uint64_t address) {
     case fabric::ChunkState::kLocal: {
       // Either the chunk was installed between the fault and now (wake the waiter), or
       // its pages went away under a pull that was still in flight (pull it again).
-      void* page = reinterpret_cast<void*>(address & ~uint64_t{kPageSize - 1});
+      void* page = PageOf(address);
       unsigned char resident = 0;
       if (::mincore(page, kPageSize, &resident) == 0 && (resident & 1) == 0) {
         chunks_.Drop(chunk);
@@ -308,11 +321,33 @@ void Mapping::HandleMissing(uint64_t address) {
 void Mapping::HandleWriteProtect(uint64_t address) {
   counters_.wp_faults.fetch_add(1, std::memory_order_relaxed);
   const auto base = reinterpret_cast<uint64_t>(base_);
+  void* page = PageOf(address);
+  if (address < base || address >= base + size_) {
+    // A write at the address mremap moved part of the range to: its pages are no longer
+    // tracked; let the write through.
+    if (!uffd_->WriteProtect(page, kPageSize, false).ok()) (void)uffd_->Wake(page, kPageSize);
+    return;
+  }
   const uint64_t chunk = (address - base) / chunk_size_;
   MutexLock lock(stripes_[chunk % kLockStripes]);
   chunks_.SetDirty(chunk, true);
-  Status s = uffd_->WriteProtect(ChunkAddress(chunk), ChunkLength(chunk), false);
-  if (!s.ok()) spdlog::error("uffd mapping: unprotect chunk {}: {}", chunk, s.ToString());
+  Status s;
+  if (!cut_chunks_[chunk].load(std::memory_order_acquire)) {
+    s = uffd_->WriteProtect(ChunkAddress(chunk), ChunkLength(chunk), false);
+  } else {
+    const auto start = reinterpret_cast<uint64_t>(ChunkAddress(chunk));
+    for (const auto& [from, to] : MappedSegments(start, start + ChunkLength(chunk))) {
+      s = uffd_->WriteProtect(reinterpret_cast<void*>(from), to - from, false);
+      if (!s.ok()) break;
+    }
+  }
+  if (!s.ok()) {
+    // EAGAIN: an event waits unread; ENOENT: part of the chunk was unmapped and the event
+    // is not read yet. The chunk is dirty either way; the woken write faults again and is
+    // served once the event is handled.
+    spdlog::debug("uffd mapping: unprotect chunk {}: {}; the write retries", chunk, s.ToString());
+    (void)uffd_->Wake(page, kPageSize);
+  }
 }
 
 void Mapping::HandleRemove(uint64_t start, uint64_t end) {
@@ -334,8 +369,38 @@ void Mapping::HandleUnmap(uint64_t start, uint64_t end) {
   if (start >= end) return;
   spdlog::warn("uffd mapping of '{}': [{:#x}, {:#x}) was unmapped by the program", remote_.info().name, start,
                end);
-  MutexLock lock(mu_);
-  unmapped_.emplace_back(start, end);
+  {
+    MutexLock lock(mu_);
+    unmapped_.emplace_back(start, end);
+  }
+  for (uint64_t c = (start - base) / chunk_size_; c <= (end - 1 - base) / chunk_size_; ++c) {
+    cut_chunks_[c].store(true, std::memory_order_release);
+    const auto chunk_start = reinterpret_cast<uint64_t>(ChunkAddress(c));
+    if (start <= chunk_start && chunk_start + ChunkLength(c) <= end) {
+      // Wholly gone: its writes went with the pages, and Sync never reads it again.
+      MutexLock lock(stripes_[c % kLockStripes]);
+      chunks_.SetDirty(c, false);
+    }
+  }
+}
+
+std::vector<std::pair<uint64_t, uint64_t>> Mapping::MappedSegments(uint64_t start, uint64_t end) const {
+  std::vector<std::pair<uint64_t, uint64_t>> holes;
+  {
+    MutexLock lock(mu_);
+    holes = unmapped_;
+  }
+  std::sort(holes.begin(), holes.end());
+  std::vector<std::pair<uint64_t, uint64_t>> segments;
+  uint64_t cursor = start;
+  for (const auto& [from, to] : holes) {
+    if (from >= end) break;
+    if (to <= cursor) continue;
+    if (from > cursor) segments.emplace_back(cursor, from);
+    cursor = std::max(cursor, to);
+  }
+  if (cursor < end) segments.emplace_back(cursor, end);
+  return segments;
 }
 
 void Mapping::PrefetchLoop() {
@@ -353,6 +418,10 @@ void Mapping::PrefetchLoop() {
   for (size_t next = 0; next < order.size();) {
     const uint64_t chunk = order[next++];
     if (chunks_.state(chunk) != fabric::ChunkState::kRemote) continue;
+    if (cut_chunks_[chunk].load(std::memory_order_acquire)) {
+      const auto start = reinterpret_cast<uint64_t>(ChunkAddress(chunk));
+      if (MappedSegments(start, start + ChunkLength(chunk)).empty()) continue;  // unmapped
+    }
     size_t slot = 0;
     {
       MutexLock lock(mu_);
@@ -392,7 +461,8 @@ void Mapping::StartPull(uint64_t chunk, uint32_t count, size_t slot, bool prefet
   s.count = count;
   s.prefetch = prefetch;
   s.piece = std::min(remote_.max_transfer(), kInstallPiece);
-  s.install_failed.store(false, std::memory_order_relaxed);
+  s.install_errors.store(0, std::memory_order_relaxed);
+  s.install_errno.store(0, std::memory_order_relaxed);
   if (!prefetch) fault_pulls_.fetch_add(1, std::memory_order_relaxed);
   SubmitChunk(fabric::IoKind::kRead, s, slot, PullStaging(slot), pull_buffer_, pull_done_.get());
 }
@@ -414,17 +484,31 @@ void Mapping::OnPullDone(uint64_t cookie, const Status& piece_status) {
     // Install this piece now; the pieces of a chunk are disjoint, so their installs may
     // run at once on the transport's threads.
     const size_t at = fabric::ChunkTransfer::PieceOf(cookie) * ps.piece;
-    Status copied = uffd_->Copy(addr + at, PullStaging(slot) + at, std::min(ps.piece, len - at),
-                                tracking_ != WriteTracking::kOff);
-    if (!copied.ok() && !ps.install_failed.exchange(true, std::memory_order_acq_rel)) {
-      // ENOENT/ESRCH: the range or the process is going away; nothing waits any more.
-      spdlog::warn("uffd mapping: install chunk {}: {}", ps.chunk, copied.ToString());
+    Status copied = Install(addr + at, PullStaging(slot) + at, std::min(ps.piece, len - at));
+    if (!copied.ok()) {
+      const int err = copied.err();
+      InstallError kind = kInstallFailed;
+      if (err == EAGAIN) {
+        kind = kInstallRetry;
+      } else if (err == ENOENT || err == ESRCH) {
+        kind = kInstallGone;
+      } else {
+        int none = 0;
+        ps.install_errno.compare_exchange_strong(none, err == 0 ? EIO : err, std::memory_order_acq_rel);
+      }
+      ps.install_errors.fetch_or(kind, std::memory_order_acq_rel);
+      spdlog::debug("uffd mapping: install chunk {}: {}", ps.chunk, copied.ToString());
     }
   }
   Status status;
   if (!ps.transfer.CompleteOne(piece_status, &status)) return;
+  const uint8_t install_errors = ps.install_errors.load(std::memory_order_acquire);
+  if (status.ok() && (install_errors & kInstallFailed) != 0) {
+    // The bytes arrived but cannot be installed: the chunk fails as if the pull had.
+    status = Status::FromErrno(ps.install_errno.load(std::memory_order_acquire), "UFFDIO_COPY");
+  }
   if (status.ok()) {
-    if (!ps.install_failed.load(std::memory_order_acquire)) {
+    if (install_errors == 0) {
       (ps.prefetch ? counters_.prefetches : counters_.pulls).fetch_add(ps.count, std::memory_order_relaxed);
       counters_.bytes_pulled.fetch_add(len, std::memory_order_relaxed);
       for (uint64_t c = ps.chunk; c < ps.chunk + ps.count; ++c) {
@@ -433,7 +517,10 @@ void Mapping::OnPullDone(uint64_t cookie, const Status& piece_status) {
         if (!chunks_.FinishPull(c)) (void)uffd_->Wake(ChunkAddress(c), ChunkLength(c));
       }
     } else {
+      // EAGAIN (an event was pending) or the range going away: give the chunks back and
+      // wake their waiters, who fault again and get a fresh pull.
       for (uint64_t c = ps.chunk; c < ps.chunk + ps.count; ++c) chunks_.Set(c, fabric::ChunkState::kRemote);
+      (void)uffd_->Wake(addr, len);
     }
   } else if (ps.prefetch) {
     // Give the chunks back; anyone who faulted on them meanwhile retries as a fault pull.
@@ -468,20 +555,40 @@ void Mapping::OnPullDone(uint64_t cookie, const Status& piece_status) {
 }
 
 void Mapping::FailChunk(uint64_t chunk) {
-  std::byte* addr = ChunkAddress(chunk);
-  const size_t len = ChunkLength(chunk);
+  FailPages(ChunkAddress(chunk), ChunkLength(chunk));
+}
+
+void Mapping::FailPages(std::byte* addr, size_t len) {
   if (uffd_->has(UFFD_FEATURE_POISON)) {
     Status s = uffd_->Poison(addr, len);
     if (s.ok()) return;
-    spdlog::error("uffd mapping: poison chunk {}: {}", chunk, s.ToString());
+    // EAGAIN: an event is pending; the woken thread faults again and this runs again.
+    spdlog::debug("uffd mapping: poison {}: {}", static_cast<void*>(addr), s.ToString());
   }
-  // Older kernels: an empty file mapped over the chunk makes every access SIGBUS.
-  UniqueFd empty(::memfd_create("memfabric-failed-chunk", MFD_CLOEXEC));
-  if (!empty ||
-      ::mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, empty.get(), 0) == MAP_FAILED) {
-    spdlog::error("uffd mapping: cannot fail chunk {}: {}", chunk, std::strerror(errno));
+  if (!uffd_->has(UFFD_FEATURE_EVENT_UNMAP)) {
+    // Older kernels: an empty file mapped over the pages makes every access SIGBUS.
+    UniqueFd empty(::memfd_create("memfabric-failed-chunk", MFD_CLOEXEC));
+    if (!empty ||
+        ::mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, empty.get(), 0) == MAP_FAILED) {
+      spdlog::error("uffd mapping: cannot fail {} bytes at {}: {}", len, static_cast<void*>(addr),
+                    std::strerror(errno));
+    }
   }
   (void)uffd_->Wake(addr, len);
+}
+
+Status Mapping::Install(std::byte* dst, const std::byte* src, size_t len) {
+  const bool protect = tracking_ != WriteTracking::kOff;
+  const uint64_t first = static_cast<uint64_t>(dst - base_) / chunk_size_;
+  const uint64_t last = static_cast<uint64_t>(dst + len - 1 - base_) / chunk_size_;
+  bool cut = false;
+  for (uint64_t c = first; c <= last && !cut; ++c) cut = cut_chunks_[c].load(std::memory_order_acquire);
+  if (!cut) return uffd_->Copy(dst, src, len, protect);
+  const auto start = reinterpret_cast<uint64_t>(dst);
+  for (const auto& [from, to] : MappedSegments(start, start + len)) {
+    MF_RETURN_IF_ERROR(uffd_->Copy(reinterpret_cast<void*>(from), src + (from - start), to - from, protect));
+  }
+  return Status::Ok();
 }
 
 void Mapping::OnPushDone(size_t slot, const Status& piece_status) {
@@ -501,11 +608,19 @@ void Mapping::OnPushDone(size_t slot, const Status& piece_status) {
 }
 
 Status Mapping::ScanWritten() {
+  const auto base = reinterpret_cast<uint64_t>(base_);
+  // Holes the program unmapped are skipped: whatever it maps there later is not ours, and
+  // PM_SCAN_CHECK_WPASYNC would refuse the scan.
+  for (const auto& [from, to] : MappedSegments(base, base + size_)) {
+    MF_RETURN_IF_ERROR(ScanWritten(from, to));
+  }
+  return Status::Ok();
+}
+
+Status Mapping::ScanWritten(uint64_t start, uint64_t end) {
   pm_scan_arg arg{};
   page_region regions[kScanRegions];
   const auto base = reinterpret_cast<uint64_t>(base_);
-  uint64_t start = base;
-  const uint64_t end = base + size_;
   while (start < end) {
     arg = pm_scan_arg{};
     arg.size = sizeof(arg);
@@ -539,6 +654,11 @@ Status Mapping::ScanWritten() {
 Status Mapping::Sync() {
   if (tracking_ == WriteTracking::kOff) return Status::Ok();
   MutexLock sync_lock(sync_mu_);
+  {
+    // munmap returns once the fault thread has read its event, maybe before it handled
+    // it: wait for the batch being handled, so that a hole made before this call is known.
+    MutexLock events_lock(events_mu_);
+  }
   if (tracking_ == WriteTracking::kAsync) MF_RETURN_IF_ERROR(ScanWritten());
   {
     MutexLock lock(push_mu_);
@@ -555,6 +675,16 @@ Status Mapping::Sync() {
         return stopping_ ||
                (state != fabric::ChunkState::kInFlight && state != fabric::ChunkState::kInFlightDropped);
       });
+    }
+    if (cut_chunks_[chunk].load(std::memory_order_acquire)) {
+      // Partly unmapped: its mapped pages are pushed on their own (a wholly unmapped chunk
+      // left the dirty set when it went, and has none).
+      Status s = PushCutChunk(chunk);
+      if (!s.ok()) {
+        MutexLock lock(push_mu_);
+        if (push_error_.ok()) push_error_ = s;
+      }
+      continue;
     }
     if (chunks_.state(chunk) == fabric::ChunkState::kFailed) {
       // Written in its pieces that arrived before the rest of its pull failed; the rest is
@@ -578,13 +708,9 @@ Status Mapping::Sync() {
     std::byte* addr = ChunkAddress(chunk);
     const size_t len = ChunkLength(chunk);
     if (tracking_ == WriteTracking::kSync) {
-      // Clear, then protect, then copy: a write after the protect faults and re-dirties;
-      // a write before it is in the copy.
-      MutexLock lock(stripes_[chunk % kLockStripes]);
-      chunks_.SetDirty(chunk, false);
-      Status s = uffd_->WriteProtect(addr, len, true);
+      const auto start = reinterpret_cast<uint64_t>(addr);
+      Status s = ProtectForPush(chunk, {{start, start + len}});
       if (!s.ok()) {
-        chunks_.SetDirty(chunk, true);
         push_slots_[slot].transfer.Expect(1);
         OnPushDone(slot, s);
         continue;
@@ -605,6 +731,50 @@ Status Mapping::Sync() {
   }
   if (!result.ok()) return result.WithContext("sync of '" + remote_.info().name + "'");
   return remote_.Flush();
+}
+
+Status Mapping::ProtectForPush(uint64_t chunk, const std::vector<std::pair<uint64_t, uint64_t>>& segments) {
+  for (int attempt = 0;; ++attempt) {
+    Status s;
+    {
+      // Clear, then protect, then copy: a write after the protect faults and re-dirties;
+      // a write before it is in the copy.
+      MutexLock lock(stripes_[chunk % kLockStripes]);
+      chunks_.SetDirty(chunk, false);
+      for (const auto& [from, to] : segments) {
+        s = uffd_->WriteProtect(reinterpret_cast<void*>(from), to - from, true);
+        if (!s.ok()) break;
+      }
+      if (s.ok()) return s;
+      chunks_.SetDirty(chunk, true);
+    }
+    // Not under the stripe lock: the fault thread, which reads the pending event, may
+    // need it.
+    if (s.err() != EAGAIN || attempt == kMaxProtectRetries) return s;
+    std::this_thread::sleep_for(kProtectRetryDelay);
+  }
+}
+
+Status Mapping::PushCutChunk(uint64_t chunk) {
+  const auto start = reinterpret_cast<uint64_t>(ChunkAddress(chunk));
+  const auto segments = MappedSegments(start, start + ChunkLength(chunk));
+  if (tracking_ == WriteTracking::kSync) {
+    MF_RETURN_IF_ERROR(ProtectForPush(chunk, segments));
+  } else {
+    chunks_.SetDirty(chunk, false);  // ScanWritten protected it again
+  }
+  std::vector<std::byte> bytes;
+  for (const auto& [from, to] : segments) {
+    bytes.assign(reinterpret_cast<const std::byte*>(from), reinterpret_cast<const std::byte*>(to));
+    Status s = fabric::WriteAt(remote_, chunk * chunk_size_ + (from - start), bytes);
+    if (!s.ok()) {
+      chunks_.SetDirty(chunk, true);
+      return s;
+    }
+    counters_.bytes_pushed.fetch_add(to - from, std::memory_order_relaxed);
+  }
+  if (!segments.empty()) counters_.pushes.fetch_add(1, std::memory_order_relaxed);
+  return Status::Ok();
 }
 
 void Mapping::SyncLoop() {
@@ -640,7 +810,8 @@ Status Mapping::Close() {
     closed_ = true;
   }
   Status result;
-  if (base_ != nullptr && tracking_ != WriteTracking::kOff) result = Sync();
+  // After a failed Init there is nothing to sync (no push slots, no writes seen).
+  if (initialized_ && tracking_ != WriteTracking::kOff) result = Sync();
   {
     MutexLock lock(mu_);
     stopping_ = true;
@@ -660,23 +831,19 @@ Status Mapping::Close() {
   }
   if (base_ != nullptr) {
     (void)uffd_->Unregister(base_, size_);
-    std::vector<std::pair<uint64_t, uint64_t>> gone;
+    bool holes = false;
     {
       MutexLock lock(mu_);
-      gone = unmapped_;
+      holes = !unmapped_.empty();
     }
-    if (gone.empty()) {
+    if (!holes) {
       memory_.Reset();
     } else {
       // Unmap only what the program left mapped: something else may live in the holes.
-      std::sort(gone.begin(), gone.end());
-      uint64_t cursor = reinterpret_cast<uint64_t>(base_);
-      const uint64_t end = cursor + size_;
-      for (const auto& [s, e] : gone) {
-        if (s > cursor) ::munmap(reinterpret_cast<void*>(cursor), s - cursor);
-        cursor = std::max(cursor, e);
+      const auto start = reinterpret_cast<uint64_t>(base_);
+      for (const auto& [from, to] : MappedSegments(start, start + size_)) {
+        ::munmap(reinterpret_cast<void*>(from), to - from);
       }
-      if (cursor < end) ::munmap(reinterpret_cast<void*>(cursor), end - cursor);
       (void)memory_.Release();
     }
     base_ = nullptr;

@@ -12,15 +12,22 @@
 // pushes dirty chunks and re-protects them; an optional interval syncs in the background;
 // Close() syncs a last time. A read-only Remote gives a PROT_READ mapping.
 //
-// Failure: a chunk that cannot be pulled (server gone past the transport's timeout)
-// delivers SIGBUS to the faulting thread (UFFDIO_POISON, or an empty memfd mapped over the
-// chunk on older kernels), never a hang. Sync() returns the error and keeps the dirty set.
+// Failure: a chunk that cannot be pulled (server gone past the transport's timeout), or
+// whose pulled bytes cannot be installed (UFFDIO_COPY fails, e.g. ENOMEM), delivers
+// SIGBUS to the faulting thread (UFFDIO_POISON, or an empty memfd mapped over the chunk on
+// older kernels), never a hang. An install refused with EAGAIN (the kernel has an unread
+// remove/unmap/remap event) is not a failure: the chunk goes back to remote and its
+// waiters fault again. Sync() returns the error and keeps the dirty set.
 //
 // Kernel events: MADV_DONTNEED/REMOVE drops the local copy of the pages (the next touch
 // pulls them again; writes not yet synced there are discarded, as with any mapping).
-// munmap of part of the range is noticed (Close does not unmap it twice); mremap is
-// refused (accesses at the new address get SIGBUS); children do not inherit the range
-// (MADV_DONTFORK).
+// munmap of part of the range: chunks wholly inside the hole leave the dirty set and are
+// never read or pushed again (their unsynced writes are discarded, as with the pages);
+// a chunk partly unmapped keeps being tracked, and Sync() pushes only its pages that are
+// still mapped; Close does not unmap the hole again. mremap is refused: the chunks moved
+// are treated as unmapped, and at the new address a missing page gets SIGBUS while a
+// page that moved stays readable and writable but untracked. Children do not inherit the
+// range (MADV_DONTFORK).
 //
 // Latency: a fault costs one round trip on the Remote plus the thread hand-offs around it.
 // The fault thread spins briefly (MappingOptions::poll_spin) after each fault or
@@ -151,7 +158,16 @@ class Mapping {
     bool prefetch = false;
     size_t piece = 0;
     fabric::ChunkTransfer transfer;
-    std::atomic<bool> install_failed{false};  // a pull's UFFDIO_COPY of a piece failed
+    // How a pull's UFFDIO_COPY of its pieces failed: InstallError bits, and the errno of
+    // the first real failure.
+    std::atomic<uint8_t> install_errors{0};
+    std::atomic<int> install_errno{0};
+  };
+  // Bits of Slot::install_errors.
+  enum InstallError : uint8_t {
+    kInstallRetry = 1,   // EAGAIN: an event was pending; the waiters fault again
+    kInstallGone = 2,    // ENOENT/ESRCH: the range or the process is going away
+    kInstallFailed = 4,  // anything else: the chunk fails (SIGBUS)
   };
 
   Mapping(fabric::Remote& remote, const MappingOptions& options);
@@ -165,7 +181,7 @@ class Mapping {
 
   void FaultLoop();
   void HandleMissing(uint64_t address) MF_EXCLUDES(mu_);
-  void HandleWriteProtect(uint64_t address);
+  void HandleWriteProtect(uint64_t address) MF_EXCLUDES(mu_);
   void HandleRemove(uint64_t start, uint64_t end);
   void HandleUnmap(uint64_t start, uint64_t end) MF_EXCLUDES(mu_);
   void PrefetchLoop() MF_EXCLUDES(mu_);
@@ -182,7 +198,25 @@ class Mapping {
   void OnPushDone(size_t slot, const Status& status) MF_EXCLUDES(push_mu_);
   // Makes later accesses to the chunk raise SIGBUS and wakes its waiters.
   void FailChunk(uint64_t chunk);
-  Status ScanWritten();
+  // Makes later accesses to the pages of [addr, addr+len) not present raise SIGBUS:
+  // UFFDIO_POISON, else (only when the unmap event is off: an mmap on the fault thread
+  // would wait for its own event) an empty memfd mapped over them; wakes the waiters.
+  void FailPages(std::byte* addr, size_t len);
+  // UFFDIO_COPY of a pulled piece, only over the pages the program left mapped.
+  Status Install(std::byte* dst, const std::byte* src, size_t len) MF_EXCLUDES(mu_);
+  // The parts of [start, end) (addresses) the program has not unmapped, in order.
+  std::vector<std::pair<uint64_t, uint64_t>> MappedSegments(uint64_t start, uint64_t end) const
+      MF_EXCLUDES(mu_);
+  // Sync tracking: clears the chunk's dirty bit and write-protects `segments` of it;
+  // retries while the kernel answers EAGAIN (an event pending, read by the fault thread).
+  // On failure the chunk stays dirty.
+  Status ProtectForPush(uint64_t chunk, const std::vector<std::pair<uint64_t, uint64_t>>& segments);
+  // Pushes, synchronously, the still-mapped pages of a chunk partly unmapped.
+  Status PushCutChunk(uint64_t chunk) MF_EXCLUDES(mu_);
+  // Asks the kernel which pages were written (and re-protects them): of the whole range,
+  // skipping unmapped holes, or of [start, end).
+  Status ScanWritten() MF_EXCLUDES(mu_);
+  Status ScanWritten(uint64_t start, uint64_t end);
   void Notify();
 
   fabric::Remote& remote_;
@@ -191,6 +225,9 @@ class Mapping {
   const size_t chunk_size_;
   WriteTracking tracking_ = WriteTracking::kOff;
   fabric::ChunkMap chunks_;
+  // Per chunk: some of its pages were unmapped by the program (munmap, mremap). Set by the
+  // fault thread after the hole is in unmapped_; never cleared.
+  std::unique_ptr<std::atomic<bool>[]> cut_chunks_;
 
   std::optional<Userfaultfd> uffd_;
   UniqueFd wake_fd_;     // eventfd: wakes the fault thread (pending faults, shutdown)
@@ -205,7 +242,12 @@ class Mapping {
   std::unique_ptr<Slot[]> pull_slots_;
   std::unique_ptr<Slot[]> push_slots_;
   size_t pull_slot_count_ = 0;
+  bool initialized_ = false;     // Init() completed: slots exist, threads run (Close syncs)
   Mutex stripes_[kLockStripes];  // serialize a chunk's WP transitions (sync tracking)
+  // Held by the fault thread while it reads and handles a batch of userfaultfd events.
+  // Sync takes it once on entry: a munmap that returned before (its event read) is then
+  // handled too. Taken before mu_ and the stripes, never while holding them.
+  Mutex events_mu_;
 
   mutable Mutex mu_;
   std::condition_variable_any cv_;

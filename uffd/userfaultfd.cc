@@ -1,6 +1,7 @@
 #include "uffd/userfaultfd.h"
 
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -12,6 +13,10 @@ namespace {
 
 constexpr char kDevice[] = "/dev/userfaultfd";
 constexpr unsigned long kIocNew = _IO(0xAA, 0x00);  // USERFAULTFD_IOC_NEW
+// EAGAIN from a fill means an event (remove, unmap, remap) waits in the userfaultfd to be
+// read. A fill on another thread succeeds once the fault thread has read it; one on the
+// fault thread itself never would, so the retries are bounded (each gives the CPU away).
+constexpr int kMaxFillRetriesOnEagain = 64;
 
 Result<UniqueFd> OpenRaw() {
   int fd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
@@ -73,18 +78,31 @@ Status Userfaultfd::Unregister(void* addr, size_t len) {
 // Fills [addr, addr+len) with `attempt(offset)`, an ioctl over [addr+offset, addr+len)
 // that returns 0 or an errno and adds the bytes it filled before failing to *progress.
 // Pages already present (EEXIST) are skipped, and the range's waiters are woken at the
-// end, since a skipped page's waiter is not woken by the ioctl.
+// end, since a skipped page's waiter is not woken by the ioctl. EAGAIN is retried
+// kMaxFillRetriesOnEagain times, then returned.
 template <typename Attempt>
 Status Userfaultfd::FillSkippingPresent(void* addr, size_t len, const char* what, Attempt attempt) {
   size_t done = 0;
   bool skipped = false;
+  int eagain_retries = 0;
   while (done < len) {
     int64_t progress = 0;
     const int err = attempt(done, &progress);
     if (err == 0) break;
     if (progress > 0) done += static_cast<size_t>(progress);
-    if (err == EINTR || err == EAGAIN) continue;
-    if (err != EEXIST) return Status::FromErrno(err, what);
+    if (err == EINTR) continue;
+    if (err == EAGAIN) {
+      if (++eagain_retries > kMaxFillRetriesOnEagain) {
+        if (skipped) (void)Wake(addr, len);
+        return Status::FromErrno(err, what);
+      }
+      sched_yield();
+      continue;
+    }
+    if (err != EEXIST) {
+      if (skipped) (void)Wake(addr, len);
+      return Status::FromErrno(err, what);
+    }
     done = AlignUp(done + 1, kPageSize);  // the page at `done` is present: next one
     skipped = true;
   }

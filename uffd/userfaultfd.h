@@ -36,13 +36,19 @@ class Userfaultfd final {
   Status Unregister(void* addr, size_t len);
   // UFFDIO_COPY: installs len bytes from src at dst (page-aligned), write-protected when
   // `write_protect`, waking waiters. Pages already present are skipped (EEXIST handled
-  // page by page), so a partly populated range still ends fully populated.
+  // page by page), so a partly populated range still ends fully populated. While an event
+  // (remove, unmap, remap) waits unread in the userfaultfd the kernel refuses with EAGAIN:
+  // retried a bounded number of times, then returned (err() == EAGAIN), so that a caller
+  // on the thread that reads the events does not spin forever; the caller wakes the
+  // waiters to fault again. Other errors keep their errno (ENOENT: the range is no longer
+  // registered; ESRCH: the process is exiting).
   Status Copy(void* dst, const void* src, size_t len, bool write_protect);
-  // UFFDIO_WRITEPROTECT: protect (true) or unprotect-and-wake (false).
+  // UFFDIO_WRITEPROTECT: protect (true) or unprotect-and-wake (false). EAGAIN (an event
+  // waits unread) is returned at once, not retried.
   Status WriteProtect(void* addr, size_t len, bool protect);
   Status Wake(void* addr, size_t len);
   // UFFDIO_POISON (kernel >= 6.6): later accesses to the pages not present get SIGBUS;
-  // present pages are left as they are (as in Copy); waiters are woken.
+  // present pages are left as they are (as in Copy); waiters are woken. EAGAIN as in Copy.
   Status Poison(void* addr, size_t len);
   // Reads up to out.size() messages; returns how many (0 when none are pending).
   Result<size_t> ReadMessages(std::span<uffd_msg> out);

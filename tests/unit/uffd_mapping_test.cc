@@ -3,9 +3,12 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <random>
 #include <thread>
 
@@ -26,6 +29,85 @@ void FillPattern(std::span<std::byte> bytes, uint32_t seed) {
     std::memcpy(bytes.data() + i, &v, std::min<size_t>(4, bytes.size() - i));
   }
 }
+
+bool KernelHasPoison() {
+  auto features = Userfaultfd::AvailableFeatures();
+  return features.ok() && (*features & UFFD_FEATURE_POISON) != 0;
+}
+
+// A Remote over MemoryRemote that can fail its n-th AllocateBuffer, complete reads with
+// staging pages made unreadable (so UFFDIO_COPY fails with EFAULT), or hold reads until
+// the caller polls (completions then run on the Mapping's fault thread, as with the TCP
+// transport), running a hook before the first one.
+class FaultyRemote final : public fabric::Remote {
+ public:
+  FaultyRemote(std::shared_ptr<MemoryRegion> region, bool writable)
+      : region_(region), inner_(std::move(region), writable) {}
+  ~FaultyRemote() override { CompleteHeld(); }
+
+  const fabric::RegionInfo& info() const override { return inner_.info(); }
+  bool writable() const override { return inner_.writable(); }
+  std::string_view transport() const override { return "faulty"; }
+  size_t max_transfer() const override { return inner_.max_transfer(); }
+  Result<fabric::Buffer> AllocateBuffer(size_t size) override {
+    if (allocations_++ == fail_allocation) return Status(Code::kUnavailable, "injected allocation failure");
+    return inner_.AllocateBuffer(size);
+  }
+  void Submit(std::span<const fabric::IoRequest> requests) override {
+    if (!unreadable_reads && !hold_reads_for_poll) return inner_.Submit(requests);
+    for (const fabric::IoRequest& r : requests) {
+      if (r.kind != fabric::IoKind::kRead) {
+        inner_.Submit({&r, 1});
+        continue;
+      }
+      std::memcpy(r.data.data(), region_->data() + r.offset, r.data.size());
+      if (unreadable_reads) {
+        (void)::mprotect(r.data.data(), r.data.size(), PROT_NONE);
+        r.callback->OnIoComplete(r.cookie, Status::Ok());
+        continue;
+      }
+      MutexLock lock(mu_);
+      held_.push_back(r);
+    }
+  }
+  Status Flush() override { return inner_.Flush(); }
+  Status Close() override { return inner_.Close(); }
+  bool can_poll() const override { return hold_reads_for_poll; }
+  size_t Poll() override {
+    {
+      MutexLock lock(mu_);
+      if (held_.empty()) return 0;
+    }
+    if (before_first_completion) std::exchange(before_first_completion, nullptr)();
+    return CompleteHeld();
+  }
+  // The fault thread stops polling: nothing may stay held.
+  void SetCallerPolling(bool active) override {
+    if (!active) CompleteHeld();
+  }
+
+  size_t fail_allocation = SIZE_MAX;
+  bool unreadable_reads = false;
+  bool hold_reads_for_poll = false;
+  std::function<void()> before_first_completion;  // runs on the polling thread
+
+ private:
+  size_t CompleteHeld() {
+    std::deque<fabric::IoRequest> ready;
+    {
+      MutexLock lock(mu_);
+      ready.swap(held_);
+    }
+    for (const fabric::IoRequest& r : ready) r.callback->OnIoComplete(r.cookie, Status::Ok());
+    return ready.size();
+  }
+
+  std::shared_ptr<MemoryRegion> region_;
+  MemoryRemote inner_;
+  size_t allocations_ = 0;
+  Mutex mu_;
+  std::deque<fabric::IoRequest> held_ MF_GUARDED_BY(mu_);
+};
 
 struct Param {
   size_t chunk;
@@ -193,6 +275,82 @@ TEST_P(MappingTest, PrefetchPullsEverythingInTheBackground) {
   EXPECT_EQ(std::memcmp((*m)->data(), region_->data(), kSize), 0);
 }
 
+// munmap of a whole chunk drops it from the dirty set: Sync neither reads the hole nor
+// pushes anything for it. A chunk partly unmapped pushes only its pages still mapped.
+TEST_P(MappingTest, MunmapOfChunksKeepsSyncWorking) {
+  if (!KernelHasPoison()) GTEST_SKIP() << "munmap is noticed only with the unmap event (kernels with POISON)";
+  MemoryRemote remote(region_, true);
+  auto m = Mapping::Create(remote, Options());
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  const size_t c = GetParam().chunk;
+  const std::vector<std::byte> before(region_->bytes().begin(), region_->bytes().end());
+  std::byte* p = (*m)->data();
+  std::memset(p, 0x21, c);
+  std::memset(p + 2 * c, 0x22, c);
+  ASSERT_EQ(::munmap(p + 2 * c, c), 0);
+  Status synced = (*m)->Sync();
+  ASSERT_TRUE(synced.ok()) << synced.ToString();
+  for (size_t i = 0; i < c; ++i) ASSERT_EQ(region_->data()[i], std::byte{0x21}) << i;
+  EXPECT_EQ(std::memcmp(region_->data() + 2 * c, before.data() + 2 * c, c), 0);
+  EXPECT_EQ((*m)->stats().dirty_chunks, 0u);
+
+  if (c >= 2 * kPageSize && 6 * c <= kSize) {
+    std::memset(p + 4 * c, 0x23, c);
+    ASSERT_EQ(::munmap(p + 4 * c + c / 2, c / 2), 0);
+    synced = (*m)->Sync();
+    ASSERT_TRUE(synced.ok()) << synced.ToString();
+    for (size_t i = 4 * c; i < 4 * c + c / 2; ++i) ASSERT_EQ(region_->data()[i], std::byte{0x23}) << i;
+    EXPECT_EQ(std::memcmp(region_->data() + 4 * c + c / 2, before.data() + 4 * c + c / 2, c / 2), 0);
+    // The mapped half is still tracked.
+    p[4 * c + 1] = std::byte{0x24};
+    p[5 * c] = std::byte{0x25};  // the next chunk, whole
+    synced = (*m)->Sync();
+    ASSERT_TRUE(synced.ok()) << synced.ToString();
+    EXPECT_EQ(region_->data()[4 * c + 1], std::byte{0x24});
+    EXPECT_EQ(region_->data()[5 * c], std::byte{0x25});
+  }
+  EXPECT_TRUE((*m)->Close().ok());
+}
+
+// A writer keeps changing a counter in many chunks while Sync runs again and again; after
+// it stops, a last Sync leaves the server with its last values.
+TEST_P(MappingTest, WritesConcurrentWithSyncAreNotLost) {
+  MemoryRemote remote(region_, true);
+  auto m = Mapping::Create(remote, Options());
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  constexpr size_t kSlots = 64;
+  constexpr size_t kStride = kSize / kSlots;
+  std::atomic<bool> stop{false};
+  uint32_t last = 0;
+  std::thread writer([&] {
+    for (uint32_t v = 1; !stop.load(std::memory_order_relaxed); ++v) {
+      for (size_t i = 0; i < kSlots; ++i) {
+        const uint32_t value = v * 1000 + static_cast<uint32_t>(i);
+        std::memcpy((*m)->data() + i * kStride + 8, &value, sizeof(value));
+      }
+      last = v;
+    }
+  });
+  for (int i = 0; i < 5; ++i) {
+    Status s = (*m)->Sync();
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  stop = true;
+  writer.join();
+  ASSERT_GT(last, 0u);
+  ASSERT_TRUE((*m)->Sync().ok());
+  MemoryRemote reader_remote(region_, false);
+  MappingOptions ro = Options();
+  auto reader = Mapping::Create(reader_remote, ro);
+  ASSERT_TRUE(reader.ok()) << reader.status().ToString();
+  for (size_t i = 0; i < kSlots; ++i) {
+    uint32_t value = 0;
+    std::memcpy(&value, (*reader)->data() + i * kStride + 8, sizeof(value));
+    EXPECT_EQ(value, last * 1000 + i) << "slot " << i;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Chunks, MappingTest,
                          ::testing::Values(Param{4u << 10, false, WriteTracking::kSync},
                                            Param{64u << 10, true, WriteTracking::kSync},
@@ -329,6 +487,155 @@ TEST(MappingDeathTest, ReadOnlyMappingRefusesWrites) {
         _exit(0);
       },
       mf::testing::DiedOf(SIGSEGV), mf::testing::DeathMessage(SIGSEGV));
+}
+
+// One fault slot, many threads faulting on different chunks: the faults queue for the
+// slot and every thread reads the server's bytes.
+TEST(Mapping, FaultsWaitForAFreeFaultSlot) {
+  constexpr size_t kSize = 4u << 20;
+  auto region = std::make_shared<MemoryRegion>("slots", kSize);
+  FillPattern(region->bytes(), 11);
+  MemoryRemote remote(region, false);
+  remote.SetDelay(std::chrono::microseconds(500));
+  MappingOptions o;
+  o.prefetch = false;
+  o.fault_depth = 1;
+  auto m = Mapping::Create(remote, o);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  std::vector<std::thread> threads;
+  std::atomic<int> mismatches{0};
+  constexpr int kThreads = 8;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      const size_t chunk_bytes = o.chunk_size;
+      for (size_t c = static_cast<size_t>(t); c < kSize / chunk_bytes; c += kThreads) {
+        if (std::memcmp((*m)->data() + c * chunk_bytes, region->data() + c * chunk_bytes, chunk_bytes) != 0)
+          mismatches++;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(mismatches.load(), 0);
+  // The install wakes the reader before the handler counts the pull.
+  for (int i = 0; i < 1000 && (*m)->stats().pulls != kSize / o.chunk_size; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ((*m)->stats().pulls, kSize / o.chunk_size);
+}
+
+// Init failing after the range is mapped (here: the staging buffers cannot be allocated)
+// returns the error; the half-built Mapping is torn down without waiting for push slots
+// or threads that never existed.
+TEST(MappingDeathTest, FailedCreateReturnsTheErrorAndDoesNotHang) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto region = std::make_shared<MemoryRegion>("nobuf", 1u << 20);
+  EXPECT_EXIT(
+      {
+        ::alarm(30);  // a hang ends in SIGALRM, not in a stuck test
+        for (bool writable : {true, false}) {
+          for (size_t fail_at : {size_t{0}, size_t{1}}) {
+            if (!writable && fail_at == 1) continue;  // a read-only mapping allocates once
+            FaultyRemote remote(region, writable);
+            remote.fail_allocation = fail_at;
+            MappingOptions o;
+            o.tracking = writable ? WriteTracking::kSync : WriteTracking::kAuto;
+            auto m = Mapping::Create(remote, o);
+            if (m.ok()) _exit(3);
+            if (m.status().code() != Code::kUnavailable) _exit(4);
+          }
+        }
+        _exit(0);
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
+// A pulled chunk whose install fails for good (UFFDIO_COPY: EFAULT here, as ENOMEM would)
+// fails the chunk: the faulting thread gets SIGBUS instead of sleeping forever.
+TEST(MappingDeathTest, FailedInstallRaisesSigbusNotAHang) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto region = std::make_shared<MemoryRegion>("noinstall", 1u << 20);
+  EXPECT_EXIT(
+      {
+        ::alarm(30);
+        FaultyRemote remote(region, false);
+        remote.unreadable_reads = true;
+        MappingOptions o;
+        o.prefetch = false;
+        auto m = Mapping::Create(remote, o);
+        if (!m.ok()) _exit(3);
+        volatile std::byte b = (*m)->data()[5000];
+        (void)b;
+        _exit(0);
+      },
+      mf::testing::DiedOf(SIGBUS), mf::testing::DeathMessage(SIGBUS));
+}
+
+// The pull's completion runs on the fault thread (caller polling) while a MADV_DONTNEED
+// elsewhere in the range has its remove event waiting in the userfaultfd: UFFDIO_COPY
+// answers EAGAIN until the fault thread reads that event. The install gives up, the chunk
+// goes back to remote, and the woken reader faults again and gets its bytes.
+TEST(MappingDeathTest, InstallRefusedWithEagainOnTheFaultThreadIsRetried) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  if (!CanSpin()) GTEST_SKIP() << "the fault thread polls the transport only with several CPUs";
+  auto region = std::make_shared<MemoryRegion>("eagain", 1u << 20);
+  FillPattern(region->bytes(), 13);
+  EXPECT_EXIT(
+      {
+        ::alarm(30);
+        FaultyRemote remote(region, false);
+        remote.hold_reads_for_poll = true;
+        MappingOptions o;
+        o.prefetch = false;
+        auto m = Mapping::Create(remote, o);
+        if (!m.ok()) _exit(3);
+        std::byte* p = (*m)->data();
+        std::thread remover;
+        remote.before_first_completion = [&] {
+          remover = std::thread([p] { (void)::madvise(p + (512u << 10), 64u << 10, MADV_DONTNEED); });
+          std::this_thread::sleep_for(std::chrono::milliseconds(100));  // its event is queued
+        };
+        if (std::memcmp(p, region->data(), 64u << 10) != 0) _exit(4);
+        if (remover.joinable()) remover.join();
+        _exit(0);
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
+// mremap moves a pulled chunk away (sync tracking): a write at the new address is let
+// through (no longer tracked) instead of indexing the chunk map out of range, and a page
+// never pulled there gets SIGBUS.
+TEST(MappingDeathTest, AccessesAfterMremapAreServedOrFail) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  constexpr size_t kChunk = 64u << 10;
+  auto region = std::make_shared<MemoryRegion>("moved", 1u << 20);
+  FillPattern(region->bytes(), 17);
+  EXPECT_EXIT(
+      {
+        ::alarm(30);
+        MemoryRemote remote(region, true);
+        MappingOptions o;
+        o.chunk_size = kChunk;
+        o.prefetch = false;
+        o.tracking = WriteTracking::kSync;
+        auto m = Mapping::Create(remote, o);
+        if (!m.ok()) _exit(3);
+        std::byte* p = (*m)->data();
+        volatile std::byte b = p[0];  // pulls chunk 0, write-protected
+        void* dest = ::mmap(nullptr, 2 * kChunk, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (dest == MAP_FAILED) _exit(4);
+        // Chunk 0 (present) and chunk 1 (never pulled) move.
+        auto* q =
+            static_cast<std::byte*>(::mremap(p, 2 * kChunk, 2 * kChunk, MREMAP_MAYMOVE | MREMAP_FIXED, dest));
+        if (q != dest) _exit(5);
+        q[100] = std::byte{0x42};
+        if (q[100] != std::byte{0x42} || q[200] != region->data()[200]) _exit(6);
+        if (!(*m)->Sync().ok()) _exit(7);
+        std::fputs("touching a page never pulled\n", stderr);
+        b = q[kChunk + 10];  // SIGBUS expected
+        (void)b;
+        _exit(0);
+      },
+      mf::testing::DiedOf(SIGBUS), "touching a page never pulled");
 }
 
 TEST(Mapping, RejectsBadOptions) {
