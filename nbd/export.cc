@@ -25,8 +25,9 @@ namespace {
 
 constexpr size_t kMaxInlineReply = 64u << 10;      // larger READ replies are sent by the writer
 constexpr size_t kSubmitBatch = 16;                // IoRequests handed to Submit at once
-constexpr size_t kZeroBufferSize = 1u << 20;       // source of TRIM / WRITE_ZEROES writes
+constexpr size_t kZeroBufferSize = 1u << 20;       // source of WRITE_ZEROES writes
 constexpr size_t kMaxOptionDrain = 1u << 20;       // larger option data: hard disconnect
+constexpr size_t kMaxUnreadDrain = 4u << 20;       // unread input discarded before a Stop's close
 constexpr uint64_t kMinDosWriteLimit = 32u << 20;  // spec: below 2^25 is never a DoS
 constexpr auto kAcceptTick = std::chrono::milliseconds(100);
 constexpr int kListenBacklog = 128;
@@ -90,10 +91,6 @@ Status SendIov(int fd, iovec* iov, size_t count) {
 Status SendAll(int fd, std::span<const std::byte> bytes) {
   iovec iov{const_cast<std::byte*>(bytes.data()), bytes.size()};
   return SendIov(fd, &iov, bytes.empty() ? 0 : 1);
-}
-
-Status SendBytes(int fd, const std::vector<std::byte>& bytes) {
-  return SendAll(fd, bytes);
 }
 
 // A unix socket's send buffer is fixed (no autotuning as on TCP) and by default smaller
@@ -185,6 +182,12 @@ class Export::Connection final : public fabric::IoCallback {
     MutexLock lock(fd_mu_);
     if (fd_.valid()) ::shutdown(fd_.get(), SHUT_RDWR);
   }
+  // Export::Stop: the reader sees EOF (and checks stopping_ before each request), so no new
+  // request is read; replies to the requests in flight are still sent, then Run closes.
+  void StopReading() MF_EXCLUDES(fd_mu_) {
+    MutexLock lock(fd_mu_);
+    if (fd_.valid()) ::shutdown(fd_.get(), SHUT_RD);
+  }
 
   void OnIoComplete(uint64_t cookie, const Status& status) override;
 
@@ -211,6 +214,10 @@ class Export::Connection final : public fabric::IoCallback {
   Status HandleInfoOrGo(uint32_t option, std::span<const std::byte> data, bool* go);
   Status HandleMetaContext(uint32_t option, std::span<const std::byte> data);
   Status ReplyOption(uint32_t option, uint32_t type, std::string_view message = {});
+  // Handshake sends and receives: bounded by the handshake's deadline, if any. kTimeout
+  // once it has passed.
+  Status ArmHandshakeDeadline();
+  Status SendHandshake(std::span<const std::byte> bytes);
   // Takes the export for transmission and allocates the slots.
   Status Enter(const ExportSpec& spec);
   Status Transmission();
@@ -231,6 +238,9 @@ class Export::Connection final : public fabric::IoCallback {
   size_t BuildReply(Slot& slot, uint32_t error, iovec* iov);
   // Reader thread: exactly out.size() bytes from the socket, through input_.
   Status ReadInput(std::span<std::byte> out);
+  // Reader thread: one RecvSome, within the handshake's deadline while there is one.
+  Result<size_t> Receive(std::span<std::byte> buf, std::chrono::microseconds spin,
+                         std::chrono::steady_clock::time_point* spin_until);
   Status DiscardInput(uint64_t length, std::span<std::byte> scratch);
 
   uint32_t AcquireSlot() MF_EXCLUDES(mu_);
@@ -249,6 +259,9 @@ class Export::Connection final : public fabric::IoCallback {
   std::string peer_;
   std::atomic<bool> finished_{false};
 
+  // Reader thread, set while the handshake runs: it must end (transmission or abort) by
+  // then, however slowly the client trickles its bytes (SO_RCVTIMEO restarts on every byte).
+  std::optional<std::chrono::steady_clock::time_point> handshake_deadline_;
   // Negotiated in the handshake (reader thread), read-only in transmission.
   bool no_zeroes_ = false;
   bool structured_ = false;
@@ -297,7 +310,6 @@ void Export::Connection::Run() {
     peer_ = PeerName(fd_.get());
   }
   spdlog::info("nbd: connection {} from {}", id_, peer_);
-  SetTimeout(fd(), SO_RCVTIMEO, owner_.options_.handshake_timeout);
   SetTimeout(fd(), SO_SNDTIMEO, owner_.options_.send_timeout);
   int one = 1;
   (void)::setsockopt(fd(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));  // fails harmlessly on unix
@@ -305,7 +317,11 @@ void Export::Connection::Run() {
 
   Result<bool> entered = true;
   if (!entered_) {
+    if (owner_.options_.handshake_timeout.count() > 0) {
+      handshake_deadline_ = std::chrono::steady_clock::now() + owner_.options_.handshake_timeout;
+    }
     entered = Handshake();
+    handshake_deadline_.reset();
   } else if (Status taken = Enter(*entered_); !taken.ok()) {
     entered = std::move(taken);
   }
@@ -315,6 +331,7 @@ void Export::Connection::Run() {
     if (result.code() == Code::kProtocolError) owner_.protocol_errors_.fetch_add(1);
   } else if (*entered) {
     SetTimeout(fd(), SO_RCVTIMEO, std::chrono::milliseconds(0));  // clients may idle in transmission
+    SetTimeout(fd(), SO_SNDTIMEO, owner_.options_.send_timeout);  // the handshake may have shortened it
     writer_ = std::thread([this] { WriterLoop(); });
     result = Transmission();
     if (result.code() == Code::kProtocolError) owner_.protocol_errors_.fetch_add(1);
@@ -335,6 +352,15 @@ void Export::Connection::Run() {
   } else {
     spdlog::warn("nbd: connection {} ({}) dropped: {}", id_, peer_, result.ToString());
   }
+  if (owner_.stopping_.load()) {
+    // A TCP socket closed with unread input sends a reset, which can discard replies still in
+    // its send queue: take what the client already sent (requests Stop will not answer).
+    for (size_t taken = 0; taken < kMaxUnreadDrain;) {
+      const ssize_t n = ::recv(fd(), input_.data(), input_.size(), MSG_DONTWAIT);
+      if (n <= 0) break;  // nothing queued (EOF after SHUT_RD, or EAGAIN) or an error
+      taken += static_cast<size_t>(n);
+    }
+  }
   {
     MutexLock lock(fd_mu_);
     fd_.Reset();
@@ -346,13 +372,28 @@ void Export::Connection::Run() {
 Status Export::Connection::ReplyOption(uint32_t option, uint32_t type, std::string_view message) {
   std::vector<std::byte> out;
   AppendOptionReply(option, type, AsBytes(message.substr(0, kMaxStringLength)), &out);
-  return SendBytes(fd(), out);
+  return SendHandshake(out);
+}
+
+Status Export::Connection::ArmHandshakeDeadline() {
+  if (!handshake_deadline_) return Status::Ok();
+  const auto left =
+      std::chrono::ceil<std::chrono::milliseconds>(*handshake_deadline_ - std::chrono::steady_clock::now());
+  if (left.count() <= 0) return Status(Code::kTimeout, "handshake not finished in time");
+  SetTimeout(fd(), SO_RCVTIMEO, left);
+  SetTimeout(fd(), SO_SNDTIMEO, std::min(left, owner_.options_.send_timeout));
+  return Status::Ok();
+}
+
+Status Export::Connection::SendHandshake(std::span<const std::byte> bytes) {
+  MF_RETURN_IF_ERROR(ArmHandshakeDeadline());
+  return SendAll(fd(), bytes);
 }
 
 Result<bool> Export::Connection::Handshake() {
   std::array<std::byte, kServerGreetingSize> greeting{};
   EncodeServerGreeting({kFlagFixedNewstyle | kFlagNoZeroes}, greeting);
-  MF_RETURN_IF_ERROR(SendAll(fd(), greeting));
+  MF_RETURN_IF_ERROR(SendHandshake(greeting));
   std::array<std::byte, kClientFlagsSize> raw_flags{};
   MF_RETURN_IF_ERROR(ReadInput(raw_flags));
   MF_ASSIGN_OR_RETURN(uint32_t client_flags, DecodeClientFlags(raw_flags));
@@ -378,6 +419,9 @@ Result<bool> Export::Connection::Handshake() {
     data.resize(h.length);
     MF_RETURN_IF_ERROR(ReadInput(data));
     if (owner_.stopping_.load() && h.option != kOptAbort) {
+      // EXPORT_NAME has no error reply (the client would read one as size and flags): as for
+      // any failed EXPORT_NAME, the spec says to close the session.
+      if (h.option == kOptExportName) return Status(Code::kAborted, "server is shutting down");
       MF_RETURN_IF_ERROR(ReplyOption(h.option, kRepErrShutdown, "server is shutting down"));
       continue;
     }
@@ -390,8 +434,8 @@ Result<bool> Export::Connection::Handshake() {
         MF_RETURN_IF_ERROR(Enter(found.spec));
         std::array<std::byte, kExportNameReplySize + kExportNameZeroes> reply{};
         EncodeExportNameReply(size_, tx_flags_, std::span(reply).first<kExportNameReplySize>());
-        MF_RETURN_IF_ERROR(SendAll(
-            fd(), std::span(reply).first(kExportNameReplySize + (no_zeroes_ ? 0 : kExportNameZeroes))));
+        MF_RETURN_IF_ERROR(SendHandshake(
+            std::span(reply).first(kExportNameReplySize + (no_zeroes_ ? 0 : kExportNameZeroes))));
         return true;
       }
       case kOptAbort:
@@ -405,7 +449,7 @@ Result<bool> Export::Connection::Handshake() {
         std::vector<std::byte> out;
         for (const ExportSpec& e : owner_.List()) AppendRepServer(h.option, e.name, e.description, &out);
         AppendOptionReply(h.option, kRepAck, {}, &out);
-        MF_RETURN_IF_ERROR(SendBytes(fd(), out));
+        MF_RETURN_IF_ERROR(SendHandshake(out));
         break;
       }
       case kOptInfo:
@@ -467,7 +511,7 @@ Status Export::Connection::HandleInfoOrGo(uint32_t option, std::span<const std::
     *go = true;
   }
   AppendOptionReply(option, kRepAck, {}, &out);
-  return SendBytes(fd(), out);
+  return SendHandshake(out);
 }
 
 Status Export::Connection::HandleMetaContext(uint32_t option, std::span<const std::byte> data) {
@@ -493,7 +537,7 @@ Status Export::Connection::HandleMetaContext(uint32_t option, std::span<const st
     meta_selected_ = match;
     meta_export_ = found.spec.name;
   }
-  return SendBytes(fd(), out);
+  return SendHandshake(out);
 }
 
 Status Export::Connection::Enter(const ExportSpec& spec) {
@@ -682,8 +726,10 @@ Status Export::Connection::Transmission() {
   reader_id_ = std::this_thread::get_id();
   std::array<std::byte, kRequestSize> raw{};
   for (;;) {
+    // Export::Stop: read no new request; Run answers those in flight, then closes.
+    if (owner_.stopping_.load()) return Status::Ok();
     Status received = ReadInput(raw);
-    if (!received.ok()) return received;
+    if (!received.ok()) return owner_.stopping_.load() ? Status::Ok() : received;
     MF_ASSIGN_OR_RETURN(Request r, DecodeRequest(raw));
     spdlog::trace("nbd: connection {} {} flags {:#x} offset {} length {}", id_, CommandName(r.type), r.flags,
                   r.offset, r.length);
@@ -751,6 +797,11 @@ Status Export::Connection::Transmission() {
         FailOrFinish(index, 0, "");
         break;
       case kCmdTrim:
+        // Discards nothing, which the spec allows: no I/O at all, so the multi-GiB discards of
+        // the kernel (mkfs, fstrim) are answered at once. FUA flushes first, as for a write.
+        s.flush_after = fua;
+        FailOrFinish(index, 0, "");
+        break;
       case kCmdWriteZeroes: {
         if (r.length == 0) {
           FailOrFinish(index, 0, "");
@@ -951,18 +1002,29 @@ Status Export::Connection::ReadInput(std::span<std::byte> out) {
   auto spin_until = std::chrono::steady_clock::now() + spin;
   if (out.size() >= input_.size()) {  // big payloads go straight in
     while (!out.empty()) {
-      MF_ASSIGN_OR_RETURN(size_t n, RecvSome(fd(), out, spin, &spin_until));
+      MF_ASSIGN_OR_RETURN(size_t n, Receive(out, spin, &spin_until));
       out = out.subspan(n);
     }
     return Status::Ok();
   }
   while (input_end_ < out.size()) {
-    MF_ASSIGN_OR_RETURN(size_t n, RecvSome(fd(), std::span(input_).subspan(input_end_), spin, &spin_until));
+    MF_ASSIGN_OR_RETURN(size_t n, Receive(std::span(input_).subspan(input_end_), spin, &spin_until));
     input_end_ += n;
   }
   std::memcpy(out.data(), input_.data(), out.size());
   input_begin_ = out.size();
   return Status::Ok();
+}
+
+Result<size_t> Export::Connection::Receive(std::span<std::byte> buf, std::chrono::microseconds spin,
+                                           std::chrono::steady_clock::time_point* spin_until) {
+  if (!handshake_deadline_) return RecvSome(fd(), buf, spin, spin_until);
+  MF_RETURN_IF_ERROR(ArmHandshakeDeadline());
+  Result<size_t> n = RecvSome(fd(), buf, spin, spin_until);
+  if (!n.ok() && n.status().code() == Code::kTimeout) {
+    return Status(Code::kTimeout, "handshake not finished in time");
+  }
+  return n;
 }
 
 Status Export::Connection::DiscardInput(uint64_t length, std::span<std::byte> scratch) {
@@ -1183,7 +1245,9 @@ void Export::Stop() {
     MutexLock lock(mu_);
     connections.swap(connections_);
   }
-  for (auto& c : connections) c->Shutdown();
+  // Reading stops; requests in flight complete and are answered (a client that takes no
+  // replies is dropped after send_timeout), then each connection closes.
+  for (auto& c : connections) c->StopReading();
   connections.clear();  // joins
 }
 

@@ -4,10 +4,11 @@
 //
 // Negotiation: EXPORT_NAME, GO, INFO (NBD_INFO_EXPORT, _NAME, _DESCRIPTION, _BLOCK_SIZE),
 // LIST, ABORT, STRUCTURED_REPLY, LIST/SET_META_CONTEXT (base:allocation only); every other
-// option gets NBD_REP_ERR_UNSUP. Commands: READ, WRITE, FLUSH (Remote::Flush), TRIM and
-// WRITE_ZEROES (both write zeroes; FAST_ZERO fails with ENOTSUP because zeroing is no
-// faster than writing), CACHE (accepted, no-op), BLOCK_STATUS (all allocated data), DISC;
-// FUA flushes before the reply. An export whose Remote is not writable is READ_ONLY and
+// option gets NBD_REP_ERR_UNSUP. Commands: READ, WRITE, FLUSH (Remote::Flush), TRIM
+// (validated, then answered without any I/O: it discards nothing, which the spec allows),
+// WRITE_ZEROES (writes zeroes; FAST_ZERO fails with ENOTSUP because zeroing is no faster
+// than writing), CACHE (accepted, no-op), BLOCK_STATUS (all allocated data), DISC; FUA
+// flushes before the reply. An export whose Remote is not writable is READ_ONLY and
 // fails writes with EPERM. CAN_MULTI_CONN is advertised: every connection to an export
 // shares its one Remote, so a flush covers the completed writes of all of them.
 //
@@ -53,6 +54,8 @@ struct ExportOptions {
   size_t slot_buffer_size = kDefaultSlotBufferSize;  // bytes of each slot's Buffer
   int max_connections = 64;                          // further connections are closed at once
   size_t max_options = 128;                          // per handshake; then a hard disconnect
+  // Deadline for the whole handshake, from the greeting until the client enters
+  // transmission or aborts, however slowly it sends; then a hard disconnect. 0: none.
   std::chrono::milliseconds handshake_timeout{10000};
   // A client that takes no reply bytes for this long is disconnected.
   std::chrono::milliseconds send_timeout{30000};
@@ -117,8 +120,11 @@ class Export {
   // The size and transmission flags of export `name` ("" = the default). kNotFound if none.
   Result<ExportInfo> Info(std::string_view name) const;
 
-  // Stops listening, disconnects every client (in-flight requests complete first) and joins
-  // every thread. Idempotent.
+  // Stops listening and stops reading requests; every request in flight completes and is
+  // answered (a client that takes no replies is dropped after send_timeout), then every
+  // connection is closed and every thread joined. A client still in the handshake gets
+  // NBD_REP_ERR_SHUTDOWN for options already sent (EXPORT_NAME: closed without a reply).
+  // Idempotent.
   void Stop();
 
   ExportStats stats() const;

@@ -1,6 +1,7 @@
 # Drives an nbd::Export with libnbd through nbdsh: every command, edge offsets (0, end-1,
-# end, past the end), FUA, trim/zero semantics, flag checks, structured and simple replies,
-# multi-conn, opt mode (INFO, LIST) and a read-only export. Run by nbd_tools_test as
+# end, past the end), zero-length requests, FUA, trim/zero semantics, flag checks,
+# structured and simple replies, multi-conn, opt mode (INFO, LIST) and a read-only export.
+# Run by nbd_tools_test as
 #   nbdsh -n -c "exec(open('nbd_commands.py').read())"
 # with NBD_URI (writable export), NBD_RO_URI (read-only export, may be empty), NBD_SIZE.
 import errno
@@ -91,20 +92,39 @@ def commands(structured):
     h.flush()
     h.flush(nbd.CMD_FLAG_FUA)
     h.cache(65536, 0)
-    # Trim and zero read back as zeroes; NO_HOLE and FUA are accepted; FAST_ZERO fails fast
-    # with ENOTSUP and changes nothing.
+    # Zero-length write, trim, zero and cache succeed and change nothing, also at the end;
+    # one byte further is past the end.
+    before = h.pread(4096, 0)
+    for off in (0, 4095, SIZE):
+        h.pwrite(b"", off)
+        h.pwrite(b"", off, nbd.CMD_FLAG_FUA)
+        h.trim(0, off)
+        h.trim(0, off, nbd.CMD_FLAG_FUA)
+        h.zero(0, off)
+        h.zero(0, off, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FUA)
+        h.cache(0, off)
+    assert h.pread(4096, 0) == before
+    expect_errno(errno.ENOSPC, h.pwrite, b"", SIZE + 1)
+    expect_errno(errno.EINVAL, h.trim, 0, SIZE + 1)
+    expect_errno(errno.ENOSPC, h.zero, 0, SIZE + 1)
+    expect_errno(errno.EINVAL, h.cache, 0, SIZE + 1)
+    # Trim succeeds and discards nothing: the data reads back unchanged. Zero reads back as
+    # zeroes; NO_HOLE and FUA are accepted; FAST_ZERO fails fast with ENOTSUP and changes
+    # nothing.
     pattern = b"\xa5" * (1 << 20)
     h.pwrite(pattern, 0)
     h.trim(4096, 4096)
-    assert h.pread(4096, 4096) == b"\0" * 4096
-    assert h.pread(4096, 0) == pattern[:4096]
+    assert h.pread(4096, 4096) == pattern[:4096]
     h.zero(8192, 16384, nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FUA)
     assert h.pread(8192, 16384) == b"\0" * 8192
+    assert h.pread(4096, 16384 + 8192) == pattern[:4096]  # just past the zeroed range
     expect_errno(errno.ENOTSUP, h.zero, 4096, 65536, nbd.CMD_FLAG_FAST_ZERO)
     assert h.pread(4096, 65536) == pattern[:4096]
+    tail = h.pread(4096, SIZE - 4096)
     h.trim(SIZE, 0, nbd.CMD_FLAG_FUA)  # the whole export, beyond any single request size
-    assert h.pread(4096, SIZE - 4096) == b"\0" * 4096
-    assert h.pread(4096, 0) == b"\0" * 4096
+    assert h.pread(4096, SIZE - 4096) == tail
+    assert h.pread(4096, 0) == pattern[:4096]
+    assert h.pread(8192, 16384) == b"\0" * 8192
     # Many requests in flight at once, completed out of order by the server as it likes.
     bufs = []
     for i in range(64):

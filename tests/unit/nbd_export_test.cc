@@ -1,9 +1,11 @@
 // nbd::Export over a MemoryRemote, driven through ServeConnection on a socketpair by a raw
 // client: negotiation replies, every command's semantics and error codes, request
-// splitting at the Remote's max_transfer, the shared large buffer, injected I/O errors.
+// splitting at the Remote's max_transfer, the shared large buffer, injected I/O errors,
+// the handshake deadline, and Stop answering the requests in flight.
 #include <gtest/gtest.h>
 #include <sys/socket.h>
 
+#include <chrono>
 #include <memory>
 #include <thread>
 
@@ -204,9 +206,30 @@ TEST_F(NbdExportTest, CommandsWithSimpleReplies) {
   EXPECT_EQ(c.ReadSimpleReply()->error, kEnospc);
   NBD_ASSERT_OK(c.SendRequest({0, kCmdCache, 16, kSize, 1}));
   EXPECT_EQ(c.ReadSimpleReply()->error, kEinval);
-  // At the end with length 0: fine.
+  // At the end with length 0: fine, for every command that takes a range; one byte further
+  // is past the end. Zero-length requests change nothing.
   NBD_ASSERT_OK(c.SendRequest({0, kCmdRead, 17, kSize, 0}));
   EXPECT_EQ(c.ReadSimpleReply()->error, 0u);
+  region_->bytes()[100] = std::byte{0x77};
+  for (uint64_t offset : {uint64_t{100}, kSize}) {
+    NBD_ASSERT_OK(c.SendRequest({0, kCmdWrite, 40, offset, 0}));
+    EXPECT_EQ(c.ReadSimpleReply()->error, 0u);
+    NBD_ASSERT_OK(c.SendRequest({kCmdFlagFua, kCmdTrim, 41, offset, 0}));
+    EXPECT_EQ(c.ReadSimpleReply()->error, 0u);
+    NBD_ASSERT_OK(c.SendRequest({0, kCmdWriteZeroes, 42, offset, 0}));
+    EXPECT_EQ(c.ReadSimpleReply()->error, 0u);
+    NBD_ASSERT_OK(c.SendRequest({0, kCmdCache, 43, offset, 0}));
+    EXPECT_EQ(c.ReadSimpleReply()->error, 0u);
+  }
+  EXPECT_EQ(region_->bytes()[100], std::byte{0x77});
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdWrite, 44, kSize + 1, 0}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEnospc);
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdTrim, 45, kSize + 1, 0}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEinval);
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdWriteZeroes, 46, kSize + 1, 0}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEnospc);
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdCache, 47, kSize + 1, 0}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, kEinval);
   // Oversized read: EINVAL; oversized write: EINVAL after draining the payload.
   NBD_ASSERT_OK(c.SendRequest({0, kCmdRead, 18, 0, (4u << 20) + 1}));
   EXPECT_EQ(c.ReadSimpleReply()->error, kEinval);
@@ -233,7 +256,7 @@ TEST_F(NbdExportTest, CommandsWithSimpleReplies) {
   EXPECT_EQ(region_->bytes()[8], std::byte{'f'});
   NBD_ASSERT_OK(c.SendRequest({0, kCmdCache, 28, 0, 4096}));
   EXPECT_EQ(c.ReadSimpleReply()->error, 0u);
-  // TRIM and WRITE_ZEROES zero the range (also beyond the zero buffer and max_transfer);
+  // WRITE_ZEROES zeroes the range (also beyond the zero buffer and max_transfer);
   // FAST_ZERO fails with ENOTSUP and leaves the data alone.
   for (auto& b : region_->bytes()) b = std::byte{0x5a};
   NBD_ASSERT_OK(c.SendRequest({kCmdFlagFastZero, kCmdWriteZeroes, 29, 0, 4096}));
@@ -241,15 +264,22 @@ TEST_F(NbdExportTest, CommandsWithSimpleReplies) {
   EXPECT_EQ(region_->bytes()[0], std::byte{0x5a});
   NBD_ASSERT_OK(c.SendRequest({kCmdFlagNoHole | kCmdFlagFua, kCmdWriteZeroes, 30, 1, (3u << 20)}));
   EXPECT_EQ(c.ReadSimpleReply()->error, 0u);
-  NBD_ASSERT_OK(c.SendRequest({0, kCmdTrim, 31, 5u << 20, kSize - (5u << 20)}));
-  EXPECT_EQ(c.ReadSimpleReply()->error, 0u);
   EXPECT_EQ(region_->bytes()[0], std::byte{0x5a});
   EXPECT_EQ(region_->bytes()[1], std::byte{0});
   EXPECT_EQ(region_->bytes()[3u << 20], std::byte{0});
   EXPECT_EQ(region_->bytes()[(3u << 20) + 1], std::byte{0x5a});
+  // TRIM succeeds without any I/O: it discards nothing, so the data reads back unchanged.
+  const uint64_t served = remote_->requests_served();
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdTrim, 31, 5u << 20, kSize - (5u << 20)}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, 0u);
+  NBD_ASSERT_OK(c.SendRequest({kCmdFlagFua, kCmdTrim, 33, 0, kSize}));
+  EXPECT_EQ(c.ReadSimpleReply()->error, 0u);
+  EXPECT_EQ(remote_->requests_served(), served);
+  EXPECT_EQ(region_->bytes()[0], std::byte{0x5a});
+  EXPECT_EQ(region_->bytes()[1], std::byte{0});
   EXPECT_EQ(region_->bytes()[(5u << 20) - 1], std::byte{0x5a});
-  EXPECT_EQ(region_->bytes()[5u << 20], std::byte{0});
-  EXPECT_EQ(region_->bytes()[kSize - 1], std::byte{0});
+  EXPECT_EQ(region_->bytes()[5u << 20], std::byte{0x5a});
+  EXPECT_EQ(region_->bytes()[kSize - 1], std::byte{0x5a});
   // DISC: the server closes after answering what was in flight.
   NBD_ASSERT_OK(c.SendRequest({0, kCmdDisc, 32, 0, 0}));
   EXPECT_TRUE(c.ClosedByServer());
@@ -407,6 +437,126 @@ TEST_F(NbdExportTest, StopDisconnectsClients) {
   ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
   ::close(sv[1]);
   EXPECT_EQ(export_->ServeConnection(UniqueFd(sv[0])).code(), Code::kAborted);
+}
+
+// A client trickling its handshake (each byte well within handshake_timeout of the last)
+// is dropped once the whole handshake has taken handshake_timeout; others are served.
+TEST_F(NbdExportTest, HandshakeTimeoutIsADeadline) {
+  constexpr auto kTimeout = std::chrono::milliseconds(600);
+  constexpr auto kByteInterval = kTimeout * 2 / 5;
+  ExportOptions options;
+  options.handshake_timeout = kTimeout;
+  Export exporter(options);
+  NBD_ASSERT_OK(exporter.Add({"disk", "", remote_.get(), false}));
+  auto connect = [&exporter] {
+    int sv[2];
+    EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    EXPECT_TRUE(exporter.ServeConnection(UniqueFd(sv[0])).ok());
+    return RawClient(UniqueFd(sv[1]));
+  };
+  const auto start = std::chrono::steady_clock::now();
+  RawClient slow = connect();
+  NBD_ASSERT_OK(slow.Start());
+  std::vector<std::byte> option;  // 26 bytes: > 10 s at this pace
+  AppendOption(kOptInfo, EncodeInfoRequest({"disk", {}}), &option);
+  bool closed = false;
+  bool other_served = false;
+  for (size_t i = 0; i < option.size() && !closed; ++i) {
+    closed = !slow.Send(std::span(option).subspan(i, 1)).ok() || slow.ClosedByServer(kByteInterval);
+    if (!other_served) {
+      RawClient other = connect();
+      NBD_ASSERT_OK(other.Negotiate("disk", false));
+      NBD_ASSERT_OK(other.RoundTrip(0, 4096, 1, 3));
+      other_served = true;
+    }
+  }
+  const auto elapsed = std::chrono::steady_clock::now() - start;
+  EXPECT_TRUE(closed);
+  EXPECT_GE(elapsed, kTimeout);
+  EXPECT_LT(elapsed, kTimeout + std::chrono::seconds(1));
+}
+
+// Stop answers the requests in flight (a FUA write's too) before it closes the connection.
+TEST_F(NbdExportTest, StopAnswersRequestsInFlight) {
+  RawClient c = Connect();
+  NBD_ASSERT_OK(c.Negotiate("disk", false));
+  for (size_t i = 0; i < 4096; ++i) region_->bytes()[i] = std::byte{0x33};
+  remote_->SetDelay(std::chrono::milliseconds(150));  // each Remote request
+  NBD_ASSERT_OK(c.SendRequest({kCmdFlagFua, kCmdWrite, 1, 8192, 4}, Bytes("late")));
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdRead, 2, 0, 4096}));
+  NBD_ASSERT_OK(c.SendRequest({kCmdFlagFua, kCmdWrite, 3, 12288, 4}, Bytes("last")));
+  NBD_ASSERT_OK(c.SendRequest({0, kCmdFlush, 4, 0, 0}));
+  for (int i = 0; i < 400 && export_->stats().requests < 4; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_EQ(export_->stats().requests, 4u);  // all read, the Remote requests still queued
+  std::thread stopper([this] { export_->Stop(); });
+  std::vector<bool> answered(5, false);
+  for (int n = 0; n < 4; ++n) {
+    std::array<std::byte, kSimpleReplySize> raw{};
+    Status received = c.Recv(raw);
+    ASSERT_TRUE(received.ok()) << "reply " << n << ": " << received.ToString();
+    auto reply = DecodeSimpleReply(raw);
+    ASSERT_TRUE(reply.ok());
+    EXPECT_EQ(reply->error, 0u) << reply->handle;
+    ASSERT_TRUE(reply->handle >= 1 && reply->handle <= 4);
+    EXPECT_FALSE(answered[reply->handle]);
+    answered[reply->handle] = true;
+    if (reply->handle == 2) {
+      std::vector<std::byte> data(4096);
+      NBD_ASSERT_OK(c.Recv(data));
+      EXPECT_EQ(data[4095], std::byte{0x33});
+    }
+  }
+  EXPECT_TRUE(c.ClosedByServer());
+  stopper.join();
+  remote_->SetDelay(std::chrono::microseconds(0));
+  EXPECT_EQ(std::memcmp(region_->data() + 8192, "late", 4), 0);
+  EXPECT_EQ(std::memcmp(region_->data() + 12288, "last", 4), 0);
+}
+
+// During Stop, options still get NBD_REP_ERR_SHUTDOWN, but EXPORT_NAME (which has no error
+// reply) closes the connection without a byte.
+TEST_F(NbdExportTest, ExportNameWhileStoppingClosesSilently) {
+  // Each INFO's replies (one 4 KiB description per requested type) are larger than any
+  // socket buffer (SO_SNDBUF is at most 2 x 4 MiB), so the server blocks sending them while
+  // the later options wait unread until Stop has begun.
+  ExportOptions options;
+  Export exporter(options);
+  NBD_ASSERT_OK(exporter.Add({"big", std::string(kMaxStringLength, 'd'), remote_.get(), false}));
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  NBD_ASSERT_OK(exporter.ServeConnection(UniqueFd(sv[0])));
+  RawClient c{UniqueFd(sv[1])};
+  NBD_ASSERT_OK(c.Start());
+  const std::vector<uint16_t> types((kMaxOptionLength - 4 - 3 - 2) / 2, kInfoDescription);
+  constexpr int kInfos = 3;
+  for (int i = 0; i < kInfos; ++i) NBD_ASSERT_OK(c.SendOption(kOptInfo, EncodeInfoRequest({"big", types})));
+  NBD_ASSERT_OK(c.SendOption(kOptExportName, Bytes("big")));
+  std::thread stopper([&exporter] { exporter.Stop(); });
+  for (;;) {  // Stop has begun once new connections are refused
+    int probe[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, probe), 0);
+    ::close(probe[1]);
+    if (exporter.ServeConnection(UniqueFd(probe[0])).code() == Code::kAborted) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  uint32_t last_final = 0;
+  for (int i = 0; i < kInfos; ++i) {
+    for (;;) {
+      auto r = c.ReadOptionReply();
+      ASSERT_TRUE(r.ok()) << r.status().ToString();
+      ASSERT_EQ(r->header.option, kOptInfo);
+      if (r->header.type != kRepInfo) {
+        last_final = r->header.type;
+        break;
+      }
+    }
+  }
+  EXPECT_EQ(last_final, kRepErrShutdown);  // read after Stop began
+  std::array<std::byte, 1> extra{};
+  EXPECT_EQ(c.Recv(extra).code(), Code::kUnavailable);  // EOF, no reply to EXPORT_NAME
+  stopper.join();
 }
 
 }  // namespace
