@@ -279,6 +279,30 @@ if command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null; then
   else
     fail "nbd: no connection in its log: $(head -c 600 "$WORK/nbd-serve.log")"
   fi
+  # The same on TCP, on a port the kernel picks: the log says where.
+  "$MF" nbd "$URL/data" --listen 127.0.0.1:0 "${C[@]}" 2>"$WORK/nbd-tcp.log" &
+  NBD_PID=$!
+  NBD_TCP_URI=""
+  for ((i = 0; i < SERVER_WAIT_TRIES; i++)); do
+    NBD_TCP_URI=$(grep -so 'nbd://127\.0\.0\.1:[0-9]*/data' "$WORK/nbd-tcp.log" | head -1)
+    [[ -n "$NBD_TCP_URI" ]] && break
+    sleep 0.1
+  done
+  run nbdinfo-tcp nbdinfo --json "$NBD_TCP_URI"
+  expect_rc nbdinfo-tcp 0
+  expect_in nbdinfo-tcp out '"export-size": 4194304'
+  expect_in nbdinfo-tcp out '"is_read_only": true'
+  run nbd-tcp-read nbdcopy "$NBD_TCP_URI" -
+  if cmp -s -n 1048576 "$WORK/nbd-pattern" "$WORK/nbd-tcp-read.out"; then
+    pass "nbd --listen 127.0.0.1:0: reads the region over TCP"
+  else
+    fail "nbd --listen 127.0.0.1:0: reads other bytes over TCP"
+  fi
+  kill -TERM "$NBD_PID"
+  rc=0
+  wait "$NBD_PID" || rc=$?
+  NBD_PID=""
+  if ((rc == 0)); then pass "nbd on TCP: exit 0 on SIGTERM"; else fail "nbd on TCP: exit $rc on SIGTERM"; fi
 else
   echo "skip nbd: nbdinfo/nbdcopy (libnbd-bin) not installed"
 fi
@@ -387,6 +411,27 @@ if command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null; then
   else
     fail "nbd --cache: the server does not hold what nbdcopy wrote after its flush"
   fi
+  # CAN_MULTI_CONN: a FLUSH on one connection covers the completed writes of another.
+  if command -v nbdsh >/dev/null; then
+    head -c 65536 /dev/urandom >"$WORK/multi-pattern"
+    # nbdsh runs `python3 -m nbd`: the system python3, which has libnbd's module
+    run nbd-multi-conn env PATH="/usr/bin:/bin:$PATH" nbdsh -n -c "
+import nbd
+a, b = nbd.NBD(), nbd.NBD()
+a.connect_uri('$CACHE_URI')
+b.connect_uri('$CACHE_URI')
+assert a.can_multi_conn() and b.can_multi_conn()
+b.pwrite(open('$WORK/multi-pattern', 'rb').read(), 3 << 20)
+a.flush()
+"
+    expect_rc nbd-multi-conn 0
+    run nbd-multi-server "$MF" read "$URL/data" 3M 64K "${C[@]}"
+    if cmp -s "$WORK/multi-pattern" "$WORK/nbd-multi-server.out"; then
+      pass "nbd --cache: a flush on one connection put another connection's write on the server"
+    else
+      fail "nbd --cache: a flush on one connection did not push another connection's write"
+    fi
+  fi
   run nbd-cache-back nbdcopy "$CACHE_URI" -
   expect_rc nbd-cache-back 0
   if cmp -s -n 2097152 "$WORK/cache-pattern" "$WORK/nbd-cache-back.out"; then
@@ -408,7 +453,9 @@ if command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null; then
   cp "$WORK/nbd-cache.log" "$WORK/nbd-cache.err"
   expect_in nbd-cache err "cache of 'data': 4 MiB, chunk 64 KiB, local copy in $WORK/cache.img, writes pushed every 10000 ms"
   expect_in nbd-cache err "^cache: local 100% \(4 MiB of 4 MiB\), dirty 0 B, pull [0-9.]+ MB/s, push [0-9.]+ MB/s$"
-  expect_in nbd-cache err "^cache: pushed 2 MiB \(32 chunks, [0-9.]+ MB/s\), pulled [0-9.]+ [KM]i?B"
+  # 2 MiB from nbdcopy, 64 KiB from the multi-conn check when nbdsh is there
+  if command -v nbdsh >/dev/null; then pushed="2.1 MiB \(33 chunks"; else pushed="2 MiB \(32 chunks"; fi
+  expect_in nbd-cache err "^cache: pushed $pushed, [0-9.]+ MB/s\), pulled [0-9.]+ [KM]i?B"
 else
   echo "skip nbd --cache: nbdinfo/nbdcopy (libnbd-bin) not installed"
 fi
