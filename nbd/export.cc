@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <climits>
 #include <condition_variable>
 #include <cstring>
@@ -277,7 +278,7 @@ class Export::Connection final : public fabric::IoCallback {
   // Transmission. slots_ and the buffers are set up by Enter before the writer starts.
   std::unique_ptr<Slot[]> slots_;
   size_t depth_ = 0;
-  fabric::Buffer large_buffer_;  // lazily allocated, max_block_size bytes
+  fabric::Buffer large_buffer_;  // lazily allocated and grown, at most max_block_size bytes
   fabric::Buffer zero_buffer_;   // lazily allocated, never written
   Mutex mu_;
   std::condition_variable_any free_cv_;
@@ -594,8 +595,12 @@ Status Export::Connection::PrepareData(Slot& slot, uint32_t length) {
   }
   slot.uses_large = true;  // from here on the writer gives the large buffer back
   if (large_buffer_.size() < length) {
-    MF_ASSIGN_OR_RETURN(large_buffer_,
-                        remote_->AllocateBuffer(AlignUp(owner_.options_.max_block_size, kPageSize)));
+    // Grown in powers of two as larger requests come, never past max_block_size: the
+    // kernel's requests are at most 1.25 MiB by default, and under `memfabric swap`'s
+    // mlockall every byte allocated here is locked in memory.
+    const size_t size = std::min<size_t>(std::bit_ceil(size_t{length}), owner_.options_.max_block_size);
+    large_buffer_ = {};  // the old one goes first
+    MF_ASSIGN_OR_RETURN(large_buffer_, remote_->AllocateBuffer(AlignUp(size, kPageSize)));
   }
   slot.data = large_buffer_.span().first(length);
   slot.io_buffer = &large_buffer_;

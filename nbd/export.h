@@ -16,8 +16,8 @@
 // submits them to the Remote asynchronously) and a writer thread (sends the replies of all
 // completed requests in one batch, out of request order, after one flush if any of them
 // needs it). Requests use `queue_depth` preallocated slots, each with a Buffer from the
-// Remote; requests larger than a slot's buffer take turns on one lazily allocated buffer
-// of max_block_size. Listeners run one accept thread each.
+// Remote; requests larger than a slot's buffer take turns on one lazily allocated buffer,
+// grown in powers of two up to max_block_size. Listeners run one accept thread each.
 //
 // Thread-safety: all public methods may be called from any thread. Every Remote must stay
 // valid until Stop() returned (the destructor stops).
