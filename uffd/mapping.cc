@@ -23,6 +23,10 @@ constexpr std::chrono::microseconds kMaxSpinForReply{2000};
 // userfaultfd; the fault thread reads it soon, so Sync retries this often, this far apart.
 constexpr int kMaxProtectRetries = 1000;
 constexpr std::chrono::microseconds kProtectRetryDelay{200};
+// Sync's pull of a dirty chunk that is not local is started again when it ends without
+// making the chunk local (pages dropped meanwhile, or an install given back), at most this
+// many times.
+constexpr int kMaxSyncPulls = 100;
 
 void* PageOf(uint64_t address) {
   return reinterpret_cast<void*>(address & ~uint64_t{kPageSize - 1});
@@ -357,8 +361,14 @@ void Mapping::HandleRemove(uint64_t start, uint64_t end) {
   if (start >= end) return;
   for (uint64_t c = (start - base) / chunk_size_; c <= (end - 1 - base) / chunk_size_; ++c) {
     // The pages are gone: the next touch pulls them again. Pages of the chunk outside the
-    // range stay, and the re-pull skips them.
+    // range stay, and the re-pull skips them (Sync pulls a dirty chunk so left too).
     chunks_.Drop(c);
+    const auto chunk_start = reinterpret_cast<uint64_t>(ChunkAddress(c));
+    if (start <= chunk_start && chunk_start + ChunkLength(c) <= end) {
+      // Wholly dropped: its unsynced writes went with the pages; nothing to push.
+      MutexLock lock(stripes_[c % kLockStripes]);
+      chunks_.SetDirty(c, false);
+    }
   }
 }
 
@@ -455,11 +465,12 @@ void Mapping::SubmitChunk(fabric::IoKind kind, Slot& s, size_t slot, std::byte* 
                     buffer, done, slot);
 }
 
-void Mapping::StartPull(uint64_t chunk, uint32_t count, size_t slot, bool prefetch) {
+void Mapping::StartPull(uint64_t chunk, uint32_t count, size_t slot, bool prefetch, bool for_sync) {
   Slot& s = pull_slots_[slot];
   s.chunk = chunk;
   s.count = count;
   s.prefetch = prefetch;
+  s.for_sync = for_sync;
   s.piece = std::min(remote_.max_transfer(), kInstallPiece);
   s.install_errors.store(0, std::memory_order_relaxed);
   s.install_errno.store(0, std::memory_order_relaxed);
@@ -531,6 +542,14 @@ void Mapping::OnPullDone(uint64_t cookie, const Status& piece_status) {
       spdlog::warn("uffd mapping of '{}': prefetch stopped: {}", remote_.info().name, status.ToString());
       prefetch_error_ = status;
     }
+  } else if (ps.for_sync) {
+    // Sync reports it; the chunk stays dirty and remote, and a thread that faulted on it
+    // meanwhile faults again and pulls it itself.
+    counters_.failed_pulls.fetch_add(1, std::memory_order_relaxed);
+    spdlog::warn("uffd mapping of '{}': cannot pull chunk {} to sync it: {}", remote_.info().name, ps.chunk,
+                 status.ToString());
+    chunks_.Set(ps.chunk, fabric::ChunkState::kRemote);
+    (void)uffd_->Wake(addr, len);
   } else {
     counters_.failed_pulls.fetch_add(1, std::memory_order_relaxed);
     spdlog::error(
@@ -546,6 +565,10 @@ void Mapping::OnPullDone(uint64_t cookie, const Status& piece_status) {
     if (ps.prefetch) {
       free_prefetch_slots_.push_back(slot);
     } else {
+      if (ps.for_sync) {
+        sync_pull_done_ = true;
+        sync_pull_status_ = status;
+      }
       free_fault_slots_.push_back(slot);
       wake_fault_thread = !pending_faults_.empty();
     }
@@ -655,6 +678,12 @@ Status Mapping::Sync() {
   if (tracking_ == WriteTracking::kOff) return Status::Ok();
   MutexLock sync_lock(sync_mu_);
   {
+    // Once stopping, the fault thread may be gone: nothing would serve a page touched.
+    MutexLock lock(mu_);
+    if (stopping_)
+      return Status(Code::kAborted, "sync of '" + remote_.info().name + "': the mapping is closed");
+  }
+  {
     // munmap returns once the fault thread has read its event, maybe before it handled
     // it: wait for the batch being handled, so that a hole made before this call is known.
     MutexLock events_lock(events_mu_);
@@ -667,14 +696,15 @@ Status Mapping::Sync() {
   for (uint64_t chunk = 0; chunk < chunks_.size(); ++chunk) {
     if (!chunks_.dirty(chunk)) continue;
     // A chunk still being pulled (written in pieces that arrived, or re-pulled after a
-    // MADV_DONTNEED) is read only once its pull has ended: its last pieces may fail.
-    {
-      MutexLock lock(mu_);
-      cv_.wait(mu_, [&]() MF_NO_THREAD_SAFETY_ANALYSIS {
-        const fabric::ChunkState state = chunks_.state(chunk);
-        return stopping_ ||
-               (state != fabric::ChunkState::kInFlight && state != fabric::ChunkState::kInFlightDropped);
-      });
+    // MADV_DONTNEED) is read only once its pull has ended: its last pieces may fail. One
+    // with pages missing (dropped, or a pull given back) is pulled first: reading a missing
+    // page would fault, and with the server gone raise SIGBUS here.
+    Status pulled = PullForSync(chunk);
+    if (!pulled.ok()) {
+      MutexLock lock(push_mu_);
+      if (push_error_.ok()) push_error_ = pulled;
+      if (pulled.code() == Code::kAborted) break;
+      continue;
     }
     if (cut_chunks_[chunk].load(std::memory_order_acquire)) {
       // Partly unmapped: its mapped pages are pushed on their own (a wholly unmapped chunk
@@ -755,6 +785,50 @@ Status Mapping::ProtectForPush(uint64_t chunk, const std::vector<std::pair<uint6
   }
 }
 
+Status Mapping::PullForSync(uint64_t chunk) {
+  for (int attempt = 0;; ++attempt) {
+    {
+      MutexLock lock(mu_);
+      cv_.wait(mu_, [&]() MF_NO_THREAD_SAFETY_ANALYSIS {
+        const fabric::ChunkState state = chunks_.state(chunk);
+        return stopping_ ||
+               (state != fabric::ChunkState::kInFlight && state != fabric::ChunkState::kInFlightDropped);
+      });
+      if (stopping_) return Status(Code::kAborted, "the mapping is closing");
+    }
+    if (chunks_.state(chunk) != fabric::ChunkState::kRemote) return Status::Ok();  // local or failed
+    const std::string what = "chunk " + std::to_string(chunk) + " (offset " +
+                             std::to_string(chunk * chunk_size_) +
+                             ") was written but some of its pages are not local";
+    if (attempt == kMaxSyncPulls)
+      return Status(Code::kUnavailable, what + ", and pulling them kept being undone");
+    if (!chunks_.TryClaim(chunk)) continue;  // a fault or prefetch claimed it: wait for that pull
+    size_t slot = 0;
+    {
+      MutexLock lock(mu_);
+      cv_.wait(mu_,
+               [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return stopping_ || !free_fault_slots_.empty(); });
+      if (stopping_) {
+        chunks_.Set(chunk, fabric::ChunkState::kRemote);
+        (void)uffd_->Wake(ChunkAddress(chunk), ChunkLength(chunk));
+        return Status(Code::kAborted, "the mapping is closing");
+      }
+      slot = free_fault_slots_.back();
+      free_fault_slots_.pop_back();
+      sync_pull_done_ = false;
+    }
+    StartPull(chunk, 1, slot, false, true);
+    Status status;
+    {
+      MutexLock lock(mu_);
+      // Not ended by stopping_: the pull completes into our slot whatever happens.
+      cv_.wait(mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return sync_pull_done_; });
+      status = sync_pull_status_;
+    }
+    if (!status.ok()) return status.WithContext(what + ", and pulling them failed");
+  }
+}
+
 Status Mapping::PushCutChunk(uint64_t chunk) {
   const auto start = reinterpret_cast<uint64_t>(ChunkAddress(chunk));
   const auto segments = MappedSegments(start, start + ChunkLength(chunk));
@@ -781,8 +855,9 @@ void Mapping::SyncLoop() {
   for (;;) {
     {
       MutexLock lock(mu_);
-      cv_.wait_for(mu_, options_.sync_interval, [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return stopping_; });
-      if (stopping_) return;
+      cv_.wait_for(mu_, options_.sync_interval,
+                   [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return stopping_ || stop_sync_loop_; });
+      if (stopping_ || stop_sync_loop_) return;
     }
     Status s = Sync();
     if (!s.ok()) spdlog::warn("periodic {}", s.ToString());
@@ -808,7 +883,12 @@ Status Mapping::Close() {
     MutexLock lock(mu_);
     if (closed_) return Status::Ok();
     closed_ = true;
+    stop_sync_loop_ = true;
   }
+  // The periodic sync ends first, while the fault thread still serves what a pass of it
+  // touches: a pass queued behind the final Sync would otherwise run after that thread.
+  cv_.notify_all();
+  if (sync_thread_.joinable()) sync_thread_.join();
   Status result;
   // After a failed Init there is nothing to sync (no push slots, no writes seen).
   if (initialized_ && tracking_ != WriteTracking::kOff) result = Sync();
@@ -819,7 +899,6 @@ Status Mapping::Close() {
   cv_.notify_all();
   if (wake_fd_) Notify();
   if (prefetch_thread_.joinable()) prefetch_thread_.join();
-  if (sync_thread_.joinable()) sync_thread_.join();
   if (fault_thread_.joinable()) fault_thread_.join();
   // Pulls still in flight complete into our buffers: wait for their slots.
   {

@@ -9,15 +9,18 @@
 //
 // Writes are tracked per chunk with userfaultfd write-protect: asynchronous WP plus
 // PAGEMAP_SCAN where the kernel has them (>= 6.7), synchronous WP faults otherwise. Sync()
-// pushes dirty chunks and re-protects them; an optional interval syncs in the background;
-// Close() syncs a last time. A read-only Remote gives a PROT_READ mapping.
+// pushes dirty chunks and re-protects them; a dirty chunk that is not local (pages
+// dropped, or a pull given back) is pulled first, so Sync reads only present pages; an
+// optional interval syncs in the background; Close() stops that first, then syncs a last
+// time. A read-only Remote gives a PROT_READ mapping.
 //
 // Failure: a chunk that cannot be pulled (server gone past the transport's timeout), or
 // whose pulled bytes cannot be installed (UFFDIO_COPY fails, e.g. ENOMEM), delivers
 // SIGBUS to the faulting thread (UFFDIO_POISON, or an empty memfd mapped over the chunk on
 // older kernels), never a hang. An install refused with EAGAIN (the kernel has an unread
 // remove/unmap/remap event) is not a failure: the chunk goes back to remote and its
-// waiters fault again. Sync() returns the error and keeps the dirty set.
+// waiters fault again. Sync() returns the error and keeps the dirty set; a pull that
+// Sync needs and that fails is an error of the Sync (the chunk stays dirty), not a SIGBUS.
 //
 // Kernel events: MADV_DONTNEED/REMOVE drops the local copy of the pages (the next touch
 // pulls them again; writes not yet synced there are discarded, as with any mapping).
@@ -135,14 +138,17 @@ class Mapping {
   WriteTracking tracking() const { return tracking_; }
 
   // Pushes every chunk written since the last sync, then flushes the Remote. On success
-  // the server holds (durably) every write made before the call. On failure the chunks
-  // not pushed stay dirty, and a later Sync() retries them.
+  // the server holds (durably) every write made before the call. A written chunk that is
+  // not wholly local is pulled first (its present pages, which hold the writes, are kept).
+  // On failure (a push, or such a pull, failed; or the Mapping is closing: kAborted) the
+  // chunks not pushed stay dirty, and a later Sync() retries them. Never faults on a page
+  // of a chunk that is not local, so a server gone is an error here, not a SIGBUS.
   Status Sync() MF_EXCLUDES(sync_mu_);
   // Blocks until every chunk is local, or the timeout passes (kTimeout), or prefetch
   // stopped on an error (that error).
   Status WaitPrefetched(std::chrono::milliseconds timeout) MF_EXCLUDES(mu_);
-  // Stops the threads, syncs (when writable), unregisters and unmaps. Idempotent; returns
-  // the final sync's status.
+  // Stops the periodic sync, syncs (when writable), stops the other threads, unregisters
+  // and unmaps. Idempotent; returns the final sync's status.
   Status Close() MF_EXCLUDES(mu_, sync_mu_);
   MappingStats stats() const;
 
@@ -156,6 +162,7 @@ class Mapping {
     uint64_t chunk = 0;
     uint32_t count = 1;
     bool prefetch = false;
+    bool for_sync = false;  // a fault slot pulling a dirty chunk for Sync (PullForSync)
     size_t piece = 0;
     fabric::ChunkTransfer transfer;
     // How a pull's UFFDIO_COPY of its pieces failed: InstallError bits, and the errno of
@@ -187,7 +194,8 @@ class Mapping {
   void PrefetchLoop() MF_EXCLUDES(mu_);
   void SyncLoop() MF_EXCLUDES(mu_);
   // Pulls `count` consecutive chunks from `chunk` (claimed by the caller) into `slot`.
-  void StartPull(uint64_t chunk, uint32_t count, size_t slot, bool prefetch);
+  // `for_sync`: a pull PullForSync waits for (one chunk, on a fault slot).
+  void StartPull(uint64_t chunk, uint32_t count, size_t slot, bool prefetch, bool for_sync = false);
   void StartPush(uint64_t chunk, size_t slot);
   // Submits the transfer of the slot's chunks from/to `staged` in requests of s.piece bytes.
   void SubmitChunk(fabric::IoKind kind, Slot& s, size_t slot, std::byte* staged, const fabric::Buffer& buffer,
@@ -211,6 +219,12 @@ class Mapping {
   // retries while the kernel answers EAGAIN (an event pending, read by the fault thread).
   // On failure the chunk stays dirty.
   Status ProtectForPush(uint64_t chunk, const std::vector<std::pair<uint64_t, uint64_t>>& segments);
+  // Called by Sync for a dirty chunk: waits for a pull in flight to end and, when the chunk
+  // is then remote (some pages missing), claims it and pulls it on a fault slot (pages
+  // present are kept), and waits for that. Ok when the chunk is local or failed (the
+  // caller checks which); the pull's error, naming the chunk, when it failed (the chunk is
+  // remote again, its waiters fault again); kAborted once the Mapping is stopping.
+  Status PullForSync(uint64_t chunk) MF_EXCLUDES(mu_);
   // Pushes, synchronously, the still-mapped pages of a chunk partly unmapped.
   Status PushCutChunk(uint64_t chunk) MF_EXCLUDES(mu_);
   // Asks the kernel which pages were written (and re-protects them): of the whole range,
@@ -257,6 +271,10 @@ class Mapping {
   std::vector<std::pair<uint64_t, uint64_t>> unmapped_ MF_GUARDED_BY(mu_);
   Status prefetch_error_ MF_GUARDED_BY(mu_);
   bool stopping_ MF_GUARDED_BY(mu_) = false;
+  bool stop_sync_loop_ MF_GUARDED_BY(mu_) = false;  // set by Close before its own Sync
+  // The end of PullForSync's pull (at most one: Syncs are serialized by sync_mu_).
+  bool sync_pull_done_ MF_GUARDED_BY(mu_) = false;
+  Status sync_pull_status_ MF_GUARDED_BY(mu_);
   bool closed_ MF_GUARDED_BY(mu_) = false;
   std::atomic<uint32_t> fault_pulls_{0};  // pulls for faults in flight (the fault thread spins)
 

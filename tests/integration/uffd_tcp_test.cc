@@ -121,9 +121,10 @@ INSTANTIATE_TEST_SUITE_P(Chunks, UffdOverTcp, ::testing::Values(4u << 10, 64u <<
 
 // The client side of the dead-server test, in its own process: maps the region, proves
 // a fault is served, tells the parent (`ready`), waits until the parent has killed the
-// server (`go`), then touches a chunk it never pulled. Exits with a code naming the step
+// server (`go`), then touches a chunk it never pulled (`chunk_size` bytes, the first chunk
+// at 2 MiB too: the region is 4 MiB). Exits with a code naming the step
 // that went wrong; SIGBUS is the expected end.
-[[noreturn]] void TouchAfterServerDies(uint16_t port, int ready, int go) {
+[[noreturn]] void TouchAfterServerDies(uint16_t port, size_t chunk_size, int ready, int go) {
   transports::ClientOptions opts = ClientOpts();
   opts.io_timeout = std::chrono::milliseconds(2000);
   fabric::Url url{TestScheme(), mf::testing::Host(), port, ""};
@@ -132,6 +133,7 @@ INSTANTIATE_TEST_SUITE_P(Chunks, UffdOverTcp, ::testing::Values(4u << 10, 64u <<
   auto remote = (*client)->Open("r", fabric::OpenOptions{});
   if (!remote.ok()) _exit(11);
   MappingOptions mo;
+  mo.chunk_size = chunk_size;
   mo.prefetch = false;
   auto m = Mapping::Create(**remote, mo);
   if (!m.ok()) _exit(12);
@@ -146,8 +148,11 @@ INSTANTIATE_TEST_SUITE_P(Chunks, UffdOverTcp, ::testing::Values(4u << 10, 64u <<
 // A server process that dies while the client maps its region: the faulting thread must
 // get SIGBUS (within the client's I/O timeout at worst), never a hang and never data.
 // Plain fork()s rather than a gtest death test: its threadsafe style re-runs the test body
-// in the child, which would start a second server.
-TEST(UffdOverTcpDeathTest, DeadServerGivesSigbus) {
+// in the child, which would start a second server. At each chunk size: a 2 MiB chunk
+// fails in several pieces, a 4 KiB one in one small request.
+class UffdOverTcpDeathTest : public ::testing::TestWithParam<size_t> {};
+
+TEST_P(UffdOverTcpDeathTest, DeadServerGivesSigbus) {
   // Each pipe's write end stays open only in the process that writes it, so a child that
   // dies early shows up as end-of-file here instead of a read that never returns.
   int ports[2];
@@ -189,7 +194,7 @@ TEST(UffdOverTcpDeathTest, DeadServerGivesSigbus) {
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     ::close(ready[0]);
     ::close(go[1]);
-    TouchAfterServerDies(port, ready[1], go[0]);
+    TouchAfterServerDies(port, GetParam(), ready[1], go[0]);
   }
   ::close(ready[1]);
   ::close(go[0]);
@@ -214,6 +219,9 @@ TEST(UffdOverTcpDeathTest, DeadServerGivesSigbus) {
   ::close(ready[0]);
   ::close(go[1]);
 }
+
+INSTANTIATE_TEST_SUITE_P(Chunks, UffdOverTcpDeathTest, ::testing::Values(4u << 10, 64u << 10, 2u << 20),
+                         [](const auto& info) { return std::to_string(info.param >> 10) + "K"; });
 
 }  // namespace
 }  // namespace mf::uffd

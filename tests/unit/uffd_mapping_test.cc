@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -35,7 +36,13 @@ bool KernelHasPoison() {
   return features.ok() && (*features & UFFD_FEATURE_POISON) != 0;
 }
 
-// A Remote over MemoryRemote that can fail its n-th AllocateBuffer, complete reads with
+bool KernelHasAsyncWp() {
+  auto features = Userfaultfd::AvailableFeatures();
+  return features.ok() && (*features & UFFD_FEATURE_WP_ASYNC) != 0;
+}
+
+// A Remote over MemoryRemote that can fail its n-th AllocateBuffer, fail reads (as a server
+// gone would; writes still succeed), complete reads with
 // staging pages made unreadable (so UFFDIO_COPY fails with EFAULT), or hold reads until
 // the caller polls (completions then run on the Mapping's fault thread, as with the TCP
 // transport), running a hook before the first one.
@@ -54,10 +61,15 @@ class FaultyRemote final : public fabric::Remote {
     return inner_.AllocateBuffer(size);
   }
   void Submit(std::span<const fabric::IoRequest> requests) override {
-    if (!unreadable_reads && !hold_reads_for_poll) return inner_.Submit(requests);
+    const bool failing = fail_reads.load(std::memory_order_acquire);
+    if (!unreadable_reads && !hold_reads_for_poll && !failing) return inner_.Submit(requests);
     for (const fabric::IoRequest& r : requests) {
       if (r.kind != fabric::IoKind::kRead) {
         inner_.Submit({&r, 1});
+        continue;
+      }
+      if (failing) {
+        r.callback->OnIoComplete(r.cookie, Status(Code::kUnavailable, "injected read failure"));
         continue;
       }
       std::memcpy(r.data.data(), region_->data() + r.offset, r.data.size());
@@ -87,6 +99,7 @@ class FaultyRemote final : public fabric::Remote {
   }
 
   size_t fail_allocation = SIZE_MAX;
+  std::atomic<bool> fail_reads{false};
   bool unreadable_reads = false;
   bool hold_reads_for_poll = false;
   std::function<void()> before_first_completion;  // runs on the polling thread
@@ -636,6 +649,150 @@ TEST(MappingDeathTest, AccessesAfterMremapAreServedOrFail) {
         _exit(0);
       },
       mf::testing::DiedOf(SIGBUS), "touching a page never pulled");
+}
+
+// A written chunk with one of its pages dropped (MADV_DONTNEED) is no longer local. Sync
+// must not read the missing page: that fault would pull, and with the server failing,
+// raise SIGBUS in the caller. Sync pulls the chunk first; that pull fails, Sync names the
+// chunk in its error and keeps it dirty, and once the server answers a Sync pushes the
+// write. A SIGBUS or a hang fails the test instead of killing the runner.
+TEST(MappingDeathTest, SyncOfAPartlyDroppedChunkWithTheServerFailingReturnsAnError) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto region = std::make_shared<MemoryRegion>("dropped", 1u << 20);
+  FillPattern(region->bytes(), 19);
+  for (WriteTracking tracking : {WriteTracking::kSync, WriteTracking::kAsync}) {
+    if (tracking == WriteTracking::kAsync && !KernelHasAsyncWp()) continue;
+    SCOPED_TRACE(std::string(WriteTrackingName(tracking)));
+    EXPECT_EXIT(
+        {
+          ::alarm(30);
+          FaultyRemote remote(region, true);
+          MappingOptions o;
+          o.chunk_size = 64u << 10;
+          o.prefetch = false;
+          o.tracking = tracking;
+          auto m = Mapping::Create(remote, o);
+          if (!m.ok()) _exit(3);
+          std::byte* p = (*m)->data();
+          const std::byte server_byte = region->data()[2 * kPageSize];
+          p[100] = std::byte{0x5a};  // pulls chunk 0, then writes its first page
+          if (::madvise(p + 2 * kPageSize, kPageSize, MADV_DONTNEED) != 0) _exit(4);
+          remote.fail_reads = true;
+          Status synced = (*m)->Sync();
+          if (synced.ok()) {
+            // Allowed only with the written page on the server.
+            if (region->data()[100] != std::byte{0x5a}) _exit(5);
+          } else {
+            if (synced.code() != Code::kUnavailable) _exit(6);
+            if (synced.ToString().find("chunk 0") == std::string::npos) _exit(7);
+            if ((*m)->stats().dirty_chunks != 1) _exit(8);
+          }
+          remote.fail_reads = false;
+          if (!(*m)->Sync().ok()) _exit(9);
+          if (region->data()[100] != std::byte{0x5a}) _exit(10);
+          if (p[2 * kPageSize] != server_byte) _exit(11);
+          _exit(0);
+        },
+        ::testing::ExitedWithCode(0), "");
+  }
+}
+
+// Close with the periodic sync running: a pass that queued behind Close's own Sync must
+// not run once the fault thread is gone (a page it touched would never be served, and
+// Close would hang joining it). Chunks are written and partly dropped right before each
+// Close, so that the passes have chunks to pull and push. A Sync after Close is refused.
+TEST(MappingDeathTest, CloseWithPeriodicSyncRunningDoesNotHang) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  constexpr size_t kChunk = 64u << 10;
+  constexpr size_t kRounds = 40;
+  auto region = std::make_shared<MemoryRegion>("periodic-close", 2u << 20);
+  EXPECT_EXIT(
+      {
+        ::alarm(60);
+        for (size_t round = 0; round < kRounds; ++round) {
+          MemoryRemote remote(region, true);
+          remote.SetDelay(std::chrono::microseconds(100));  // Close's Sync takes a while
+          MappingOptions o;
+          o.chunk_size = kChunk;
+          o.prefetch = round % 2 == 0;
+          o.sync_interval = std::chrono::milliseconds(2);
+          auto m = Mapping::Create(remote, o);
+          if (!m.ok()) _exit(3);
+          std::byte* p = (*m)->data();
+          for (size_t i = 0; i < (*m)->size() / kChunk; ++i) {
+            std::byte* chunk = p + i * kChunk;
+            chunk[(round % 16) * kPageSize] = static_cast<std::byte>(round);
+            if (i % 3 == 0 &&
+                ::madvise(chunk + kPageSize * ((round + 1) % 16), kPageSize, MADV_DONTNEED) != 0)
+              _exit(4);
+          }
+          if (!(*m)->Close().ok()) _exit(5);
+          // A Sync after Close touches nothing and says so.
+          if ((*m)->Sync().code() != Code::kAborted) _exit(6);
+        }
+        _exit(0);
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
+// sync_interval pushes writes in the background: a reader of the server sees them without
+// anyone calling Sync.
+TEST(Mapping, PeriodicSyncPushesWithoutACall) {
+  auto region = std::make_shared<MemoryRegion>("periodic", 1u << 20);
+  MemoryRemote remote(region, true);
+  MappingOptions o;
+  o.sync_interval = std::chrono::milliseconds(20);
+  auto m = Mapping::Create(remote, o);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  std::memset((*m)->data() + 70000, 0x6d, 5000);
+  MemoryRemote reader(region, false);
+  std::vector<std::byte> seen(5000);
+  const std::vector<std::byte> want(5000, std::byte{0x6d});
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  for (;;) {
+    ASSERT_TRUE(fabric::ReadAt(reader, 70000, seen).ok());
+    if (seen == want) break;
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << "the periodic sync never pushed the write";
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_GT((*m)->stats().pushes, 0u);
+  EXPECT_EQ((*m)->stats().dirty_chunks, 0u);
+}
+
+// The range is MADV_DONTFORK: a forked child has nothing mapped there, so a touch is a
+// SIGSEGV (a page the parent has, or one it never pulled), not a fault nobody serves. The
+// parent's mapping keeps working.
+TEST(Mapping, ForkedChildDoesNotInheritTheRange) {
+  constexpr size_t kSize = 1u << 20;
+  auto region = std::make_shared<MemoryRegion>("fork", kSize);
+  FillPattern(region->bytes(), 23);
+  MemoryRemote remote(region, true);
+  MappingOptions o;
+  o.prefetch = false;
+  auto m = Mapping::Create(remote, o);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  std::byte* p = (*m)->data();
+  ASSERT_EQ(p[10], region->data()[10]);  // chunk 0 is present in the parent
+  for (size_t offset : {size_t{10}, kSize - 10}) {
+    SCOPED_TRACE("offset " + std::to_string(offset));
+    const pid_t child = ::fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+      ::alarm(10);  // a hang ends in SIGALRM, which the parent reports
+      volatile std::byte b = p[offset];
+      (void)b;
+      _exit(0);
+    }
+    int status = 0;
+    ASSERT_EQ(::waitpid(child, &status, 0), child);
+    EXPECT_TRUE(mf::testing::DiedOf(SIGSEGV)(status))
+        << (WIFEXITED(status) ? "exited with " + std::to_string(WEXITSTATUS(status))
+                              : "died of signal " + std::to_string(WTERMSIG(status)));
+  }
+  EXPECT_EQ(std::memcmp(p, region->data(), kSize), 0);
+  p[kSize - 1] = std::byte{0x31};
+  ASSERT_TRUE((*m)->Sync().ok());
+  EXPECT_EQ(region->data()[kSize - 1], std::byte{0x31});
 }
 
 TEST(Mapping, RejectsBadOptions) {
