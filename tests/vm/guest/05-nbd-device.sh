@@ -10,7 +10,8 @@
 #   4. `memfabric swap`, then a process that allocates more than the guest's free memory
 #      (most of it is taken away as huge pages first) so that pages go to the remote swap;
 #      its memory reads back intact and /proc/swaps showed the swap in use;
-#   5. after every detach the device is free (/sys/block/nbdX/pid gone, size 0).
+#   5. after every detach (SIGINT, or SIGTERM for the reclaimed device and the swap) the
+#      device is free (/sys/block/nbdX/pid gone, size 0).
 #
 #   05-nbd-device.sh MEMFABRIC_BINARY [SCHEME [--no-swap]]
 # SCHEME (default: $MF_NBD_SCHEME, else tcp) is the URL's scheme: the data plane (e.g. rdma).
@@ -53,12 +54,14 @@ attach() {
   done
 }
 
-# detach PID DEV: SIGINT to a `mount --nbd`/`swap`, which must exit 0 and free DEV.
+# detach PID DEV [SIGNAL]: SIGINT (or SIGNAL) to a `mount --nbd`/`swap`, which must exit 0
+# and free DEV.
 detach() {
-  kill -INT "$1"
+  local sig=${3:-INT}
+  kill "-$sig" "$1"
   local rc=0
   wait "$1" || rc=$?
-  ((rc == 0)) || fail "memfabric ($1) exited with $rc on SIGINT while detaching $2"
+  ((rc == 0)) || fail "memfabric ($1) exited with $rc on SIG$sig while detaching $2"
   device_free "$2"
 }
 
@@ -165,7 +168,7 @@ grep -q "$DEV: left behind by memfabric process $attached_pid" "$DIR/refused" ||
 grep -q -- "--reclaim" "$DIR/refused" || fail "the error does not suggest --reclaim"
 attach "$DIR/dev4" "$URL/disk" "$DEV" --reclaim
 dd if="$DEV" of=/dev/null bs=1M count=8 iflag=direct status=none || fail "reading the reclaimed $DEV"
-detach "$attached_pid" "$DEV"
+detach "$attached_pid" "$DEV" TERM
 echo "$DEV reclaimed"
 
 # ---- 4. swap ----------------------------------------------------------------------------------
@@ -223,7 +226,7 @@ peak=$(sed -n 's/.*swap used at most \([0-9]*\) MiB.*/\1/p' "$DIR/stress.out")
 ((peak >= OVERFLOW_MIB / 2)) || fail "only ${peak} MiB went to $SWAPDEV: the process did not really swap"
 echo "round trip through remote swap in $((SECONDS - start)) s"
 echo $((SWAP_MIB / 2)) >/proc/sys/vm/nr_hugepages
-detach "$swap_pid" "$SWAPDEV"
+detach "$swap_pid" "$SWAPDEV" TERM
 grep -q "^$SWAPDEV " /proc/swaps && fail "$SWAPDEV is still in /proc/swaps"
 grep -q "detached" "$DIR/swap.log" || fail "memfabric swap did not say it detached"
 echo "PASS: mmap, ext4 across re-attach, reclaim, and remote swap through memfabric's /dev/nbdX ($SCHEME)"
