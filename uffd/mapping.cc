@@ -111,9 +111,10 @@ Status Mapping::Init() {
     return Unsupported(
         "this kernel has no userfaultfd write-protect (needs Linux 5.7+); map the region read-only");
   }
-  uint64_t wanted = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_POISON;
-  // Without POISON, failing a chunk maps over it, which would block on our own UNMAP event.
-  if ((available & UFFD_FEATURE_POISON) != 0) wanted |= UFFD_FEATURE_EVENT_UNMAP;
+  // Without POISON, failing a chunk maps over it, which raises an unmap event of our own:
+  // FailLoop does that on a thread of its own, and HandleUnmap knows its ranges.
+  uint64_t wanted =
+      UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_POISON;
   if (tracking_ != WriteTracking::kOff) wanted |= UFFD_FEATURE_PAGEFAULT_FLAG_WP;
   if (tracking_ == WriteTracking::kAsync) wanted |= UFFD_FEATURE_WP_ASYNC;
   MF_ASSIGN_OR_RETURN(Userfaultfd uffd, Userfaultfd::Open(wanted));
@@ -163,6 +164,7 @@ Status Mapping::Init() {
   initialized_ = true;
 
   fault_thread_ = std::thread([this] { FaultLoop(); });
+  if (!uffd_->has(UFFD_FEATURE_POISON)) fail_thread_ = std::thread([this] { FailLoop(); });
   if (options_.prefetch) prefetch_thread_ = std::thread([this] { PrefetchLoop(); });
   if (writable && options_.sync_interval.count() > 0) sync_thread_ = std::thread([this] { SyncLoop(); });
   spdlog::debug("uffd mapping of '{}': {} bytes at {}, chunk {}, tracking {}, prefetch {}",
@@ -373,6 +375,7 @@ void Mapping::HandleRemove(uint64_t start, uint64_t end) {
 }
 
 void Mapping::HandleUnmap(uint64_t start, uint64_t end) {
+  if (OwnUnmap(start, end)) return;  // FailLoop's memfd over a failed chunk
   const auto base = reinterpret_cast<uint64_t>(base_);
   start = std::max(start, base);
   end = std::min(end, base + size_);
@@ -588,16 +591,63 @@ void Mapping::FailPages(std::byte* addr, size_t len) {
     // EAGAIN: an event is pending; the woken thread faults again and this runs again.
     spdlog::debug("uffd mapping: poison {}: {}", static_cast<void*>(addr), s.ToString());
   }
-  if (!uffd_->has(UFFD_FEATURE_EVENT_UNMAP)) {
-    // Older kernels: an empty file mapped over the pages makes every access SIGBUS.
-    UniqueFd empty(::memfd_create("memfabric-failed-chunk", MFD_CLOEXEC));
-    if (!empty ||
-        ::mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, empty.get(), 0) == MAP_FAILED) {
-      spdlog::error("uffd mapping: cannot fail {} bytes at {}: {}", len, static_cast<void*>(addr),
-                    std::strerror(errno));
+  if (fail_thread_.joinable()) {
+    // Older kernels: FailLoop maps an empty file over the pages (every access SIGBUS),
+    // then wakes the waiters.
+    {
+      MutexLock lock(fail_mu_);
+      if (!fail_exit_) {
+        fail_queue_.emplace_back(addr, len);
+        fail_cv_.notify_one();
+        return;
+      }
     }
   }
   (void)uffd_->Wake(addr, len);
+}
+
+void Mapping::FailLoop() {
+  for (;;) {
+    std::pair<std::byte*, size_t> range;
+    bool done_before = false;
+    {
+      MutexLock lock(fail_mu_);
+      fail_cv_.wait(fail_mu_,
+                    [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return fail_exit_ || !fail_queue_.empty(); });
+      if (fail_queue_.empty()) return;  // exiting, nothing left
+      range = fail_queue_.front();
+      fail_queue_.pop_front();
+      const std::pair<uint64_t, uint64_t> r{reinterpret_cast<uint64_t>(range.first),
+                                            reinterpret_cast<uint64_t>(range.first) + range.second};
+      done_before = std::find(replaced_.begin(), replaced_.end(), r) != replaced_.end() ||
+                    std::find(own_maps_.begin(), own_maps_.end(), r) != own_maps_.end();
+      if (!done_before) own_maps_.push_back(r);
+    }
+    auto [addr, len] = range;
+    if (!done_before) {
+      // The mmap returns once the fault thread has read the unmap event it raises.
+      UniqueFd empty(::memfd_create("memfabric-failed-chunk", MFD_CLOEXEC));
+      const bool mapped = empty && ::mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+                                          empty.get(), 0) != MAP_FAILED;
+      const std::pair<uint64_t, uint64_t> r{reinterpret_cast<uint64_t>(addr),
+                                            reinterpret_cast<uint64_t>(addr) + len};
+      MutexLock lock(fail_mu_);
+      if (mapped) {
+        replaced_.push_back(r);
+      } else {
+        spdlog::error("uffd mapping: cannot fail {} bytes at {}: {}", len, static_cast<void*>(addr),
+                      std::strerror(errno));
+      }
+      own_maps_.erase(std::remove(own_maps_.begin(), own_maps_.end(), r), own_maps_.end());
+    }
+    (void)uffd_->Wake(addr, len);
+  }
+}
+
+bool Mapping::OwnUnmap(uint64_t start, uint64_t end) {
+  MutexLock lock(fail_mu_);
+  const std::pair<uint64_t, uint64_t> r{start, end};
+  return std::find(own_maps_.begin(), own_maps_.end(), r) != own_maps_.end();
 }
 
 Status Mapping::Install(std::byte* dst, const std::byte* src, size_t len) {
@@ -892,6 +942,15 @@ Status Mapping::Close() {
   Status result;
   // After a failed Init there is nothing to sync (no push slots, no writes seen).
   if (initialized_ && tracking_ != WriteTracking::kOff) result = Sync();
+  if (fail_thread_.joinable()) {
+    // Before the fault thread stops: FailLoop's mmaps wait for it to read their events.
+    {
+      MutexLock lock(fail_mu_);
+      fail_exit_ = true;
+    }
+    fail_cv_.notify_all();
+    fail_thread_.join();
+  }
   {
     MutexLock lock(mu_);
     stopping_ = true;

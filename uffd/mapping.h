@@ -16,11 +16,12 @@
 //
 // Failure: a chunk that cannot be pulled (server gone past the transport's timeout), or
 // whose pulled bytes cannot be installed (UFFDIO_COPY fails, e.g. ENOMEM), delivers
-// SIGBUS to the faulting thread (UFFDIO_POISON, or an empty memfd mapped over the chunk on
-// older kernels), never a hang. An install refused with EAGAIN (the kernel has an unread
-// remove/unmap/remap event) is not a failure: the chunk goes back to remote and its
-// waiters fault again. Sync() returns the error and keeps the dirty set; a pull that
-// Sync needs and that fails is an error of the Sync (the chunk stays dirty), not a SIGBUS.
+// SIGBUS to the faulting thread (UFFDIO_POISON, or on older kernels an empty memfd mapped
+// over the chunk by a thread of its own), never a hang. An install refused with EAGAIN
+// (the kernel has an unread remove/unmap/remap event) is not a failure: the chunk goes
+// back to remote and its waiters fault again. Sync() returns the error and keeps the
+// dirty set; a pull that Sync needs and that fails is an error of the Sync (the chunk
+// stays dirty), not a SIGBUS.
 //
 // Kernel events: MADV_DONTNEED/REMOVE drops the local copy of the pages (the next touch
 // pulls them again; writes not yet synced there are discarded, as with any mapping).
@@ -206,10 +207,16 @@ class Mapping {
   void OnPushDone(size_t slot, const Status& status) MF_EXCLUDES(push_mu_);
   // Makes later accesses to the chunk raise SIGBUS and wakes its waiters.
   void FailChunk(uint64_t chunk);
-  // Makes later accesses to the pages of [addr, addr+len) not present raise SIGBUS:
-  // UFFDIO_POISON, else (only when the unmap event is off: an mmap on the fault thread
-  // would wait for its own event) an empty memfd mapped over them; wakes the waiters.
-  void FailPages(std::byte* addr, size_t len);
+  // Makes later accesses to the pages of [addr, addr+len) not present raise SIGBUS and
+  // wakes the waiters: UFFDIO_POISON, else queued for FailLoop (an mmap on the fault
+  // thread would wait for its own unmap event). Any thread.
+  void FailPages(std::byte* addr, size_t len) MF_EXCLUDES(fail_mu_);
+  // Kernels without POISON: maps an empty memfd over each range FailPages queued, then
+  // wakes its waiters. Its own thread: the mmap waits until the fault thread has read the
+  // unmap event it raises.
+  void FailLoop() MF_EXCLUDES(fail_mu_);
+  // An unmap event for a range FailLoop mapped over (ours, not the program's): consumed.
+  bool OwnUnmap(uint64_t start, uint64_t end) MF_EXCLUDES(fail_mu_);
   // UFFDIO_COPY of a pulled piece, only over the pages the program left mapped.
   Status Install(std::byte* dst, const std::byte* src, size_t len) MF_EXCLUDES(mu_);
   // The parts of [start, end) (addresses) the program has not unmapped, in order.
@@ -262,6 +269,12 @@ class Mapping {
   // Sync takes it once on entry: a munmap that returned before (its event read) is then
   // handled too. Taken before mu_ and the stripes, never while holding them.
   Mutex events_mu_;
+  Mutex fail_mu_;
+  std::condition_variable_any fail_cv_;
+  std::deque<std::pair<std::byte*, size_t>> fail_queue_ MF_GUARDED_BY(fail_mu_);
+  std::vector<std::pair<uint64_t, uint64_t>> own_maps_ MF_GUARDED_BY(fail_mu_);  // being mapped over
+  std::vector<std::pair<uint64_t, uint64_t>> replaced_ MF_GUARDED_BY(fail_mu_);  // mapped over
+  bool fail_exit_ MF_GUARDED_BY(fail_mu_) = false;
 
   mutable Mutex mu_;
   std::condition_variable_any cv_;
@@ -293,6 +306,7 @@ class Mapping {
   std::thread fault_thread_;
   std::thread prefetch_thread_;
   std::thread sync_thread_;
+  std::thread fail_thread_;  // FailLoop, on kernels without UFFDIO_POISON
 };
 
 }  // namespace mf::uffd
