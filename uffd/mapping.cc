@@ -365,12 +365,15 @@ void Mapping::HandleRemove(uint64_t start, uint64_t end) {
     // The pages are gone: the next touch pulls them again. Pages of the chunk outside the
     // range stay, and the re-pull skips them (Sync pulls a dirty chunk so left too).
     chunks_.Drop(c);
-    const auto chunk_start = reinterpret_cast<uint64_t>(ChunkAddress(c));
-    if (start <= chunk_start && chunk_start + ChunkLength(c) <= end) {
-      // Wholly dropped: its unsynced writes went with the pages; nothing to push.
-      MutexLock lock(stripes_[c % kLockStripes]);
-      chunks_.SetDirty(c, false);
-    }
+    ForgetWritesIfWhollyIn(c, start, end);
+  }
+}
+
+void Mapping::ForgetWritesIfWhollyIn(uint64_t chunk, uint64_t start, uint64_t end) {
+  const auto chunk_start = reinterpret_cast<uint64_t>(ChunkAddress(chunk));
+  if (start <= chunk_start && chunk_start + ChunkLength(chunk) <= end) {
+    MutexLock lock(stripes_[chunk % kLockStripes]);
+    chunks_.SetDirty(chunk, false);
   }
 }
 
@@ -388,12 +391,7 @@ void Mapping::HandleUnmap(uint64_t start, uint64_t end) {
   }
   for (uint64_t c = (start - base) / chunk_size_; c <= (end - 1 - base) / chunk_size_; ++c) {
     cut_chunks_[c].store(true, std::memory_order_release);
-    const auto chunk_start = reinterpret_cast<uint64_t>(ChunkAddress(c));
-    if (start <= chunk_start && chunk_start + ChunkLength(c) <= end) {
-      // Wholly gone: its writes went with the pages, and Sync never reads it again.
-      MutexLock lock(stripes_[c % kLockStripes]);
-      chunks_.SetDirty(c, false);
-    }
+    ForgetWritesIfWhollyIn(c, start, end);  // and Sync never reads it again
   }
 }
 
@@ -597,7 +595,7 @@ void Mapping::FailPages(std::byte* addr, size_t len) {
     {
       MutexLock lock(fail_mu_);
       if (!fail_exit_) {
-        fail_queue_.emplace_back(addr, len);
+        fail_queue_.emplace_back(reinterpret_cast<uint64_t>(addr), reinterpret_cast<uint64_t>(addr) + len);
         fail_cv_.notify_one();
         return;
       }
@@ -608,7 +606,7 @@ void Mapping::FailPages(std::byte* addr, size_t len) {
 
 void Mapping::FailLoop() {
   for (;;) {
-    std::pair<std::byte*, size_t> range;
+    std::pair<uint64_t, uint64_t> range;  // [start, end)
     bool done_before = false;
     {
       MutexLock lock(fail_mu_);
@@ -617,28 +615,24 @@ void Mapping::FailLoop() {
       if (fail_queue_.empty()) return;  // exiting, nothing left
       range = fail_queue_.front();
       fail_queue_.pop_front();
-      const std::pair<uint64_t, uint64_t> r{reinterpret_cast<uint64_t>(range.first),
-                                            reinterpret_cast<uint64_t>(range.first) + range.second};
-      done_before = std::find(replaced_.begin(), replaced_.end(), r) != replaced_.end() ||
-                    std::find(own_maps_.begin(), own_maps_.end(), r) != own_maps_.end();
-      if (!done_before) own_maps_.push_back(r);
+      done_before = std::find(replaced_.begin(), replaced_.end(), range) != replaced_.end();
+      if (!done_before) mapping_over_ = range;
     }
-    auto [addr, len] = range;
+    auto* addr = reinterpret_cast<std::byte*>(range.first);
+    const size_t len = range.second - range.first;
     if (!done_before) {
       // The mmap returns once the fault thread has read the unmap event it raises.
       UniqueFd empty(::memfd_create("memfabric-failed-chunk", MFD_CLOEXEC));
       const bool mapped = empty && ::mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
                                           empty.get(), 0) != MAP_FAILED;
-      const std::pair<uint64_t, uint64_t> r{reinterpret_cast<uint64_t>(addr),
-                                            reinterpret_cast<uint64_t>(addr) + len};
       MutexLock lock(fail_mu_);
       if (mapped) {
-        replaced_.push_back(r);
+        replaced_.push_back(range);
       } else {
         spdlog::error("uffd mapping: cannot fail {} bytes at {}: {}", len, static_cast<void*>(addr),
                       std::strerror(errno));
       }
-      own_maps_.erase(std::remove(own_maps_.begin(), own_maps_.end(), r), own_maps_.end());
+      mapping_over_.reset();
     }
     (void)uffd_->Wake(addr, len);
   }
@@ -646,8 +640,7 @@ void Mapping::FailLoop() {
 
 bool Mapping::OwnUnmap(uint64_t start, uint64_t end) {
   MutexLock lock(fail_mu_);
-  const std::pair<uint64_t, uint64_t> r{start, end};
-  return std::find(own_maps_.begin(), own_maps_.end(), r) != own_maps_.end();
+  return mapping_over_ == std::pair<uint64_t, uint64_t>{start, end};
 }
 
 Status Mapping::Install(std::byte* dst, const std::byte* src, size_t len) {

@@ -192,6 +192,9 @@ class Mapping {
   void HandleWriteProtect(uint64_t address) MF_EXCLUDES(mu_);
   void HandleRemove(uint64_t start, uint64_t end);
   void HandleUnmap(uint64_t start, uint64_t end) MF_EXCLUDES(mu_);
+  // Dropped or unmapped pages [start, end) covering the whole chunk took its unsynced
+  // writes with them: it leaves the dirty set (nothing to push).
+  void ForgetWritesIfWhollyIn(uint64_t chunk, uint64_t start, uint64_t end);
   void PrefetchLoop() MF_EXCLUDES(mu_);
   void SyncLoop() MF_EXCLUDES(mu_);
   // Pulls `count` consecutive chunks from `chunk` (claimed by the caller) into `slot`.
@@ -271,9 +274,11 @@ class Mapping {
   Mutex events_mu_;
   Mutex fail_mu_;
   std::condition_variable_any fail_cv_;
-  std::deque<std::pair<std::byte*, size_t>> fail_queue_ MF_GUARDED_BY(fail_mu_);
-  std::vector<std::pair<uint64_t, uint64_t>> own_maps_ MF_GUARDED_BY(fail_mu_);  // being mapped over
-  std::vector<std::pair<uint64_t, uint64_t>> replaced_ MF_GUARDED_BY(fail_mu_);  // mapped over
+  // Address ranges [start, end): queued for FailLoop, the one it is mapping over (its unmap
+  // event is ours), and those it mapped over.
+  std::deque<std::pair<uint64_t, uint64_t>> fail_queue_ MF_GUARDED_BY(fail_mu_);
+  std::optional<std::pair<uint64_t, uint64_t>> mapping_over_ MF_GUARDED_BY(fail_mu_);
+  std::vector<std::pair<uint64_t, uint64_t>> replaced_ MF_GUARDED_BY(fail_mu_);
   bool fail_exit_ MF_GUARDED_BY(fail_mu_) = false;
 
   mutable Mutex mu_;
