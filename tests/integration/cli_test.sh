@@ -248,6 +248,14 @@ expect_rc mount-help 0
 expect_in mount-help out "Example"
 
 # ---- nbd: the region over the NBD protocol, for libnbd's tools ------------------------
+# stop_nbd LABEL: SIGTERM to the `memfabric nbd` in $NBD_PID, which must exit 0.
+stop_nbd() {
+  kill -TERM "$NBD_PID"
+  local rc=0
+  wait "$NBD_PID" || rc=$?
+  NBD_PID=""
+  if ((rc == 0)); then pass "$1: exit 0 on SIGTERM"; else fail "$1: exit $rc on SIGTERM"; fi
+}
 if command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null; then
   NBD_SOCK="$WORK/nbd.sock"
   "$MF" nbd "$URL/data" --listen "unix:$NBD_SOCK" --writable "${C[@]}" 2>"$WORK/nbd-serve.log" &
@@ -269,11 +277,7 @@ if command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null; then
   else
     fail "nbd: the server does not hold what nbdcopy wrote"
   fi
-  kill -TERM "$NBD_PID"
-  rc=0
-  wait "$NBD_PID" || rc=$?
-  NBD_PID=""
-  if ((rc == 0)); then pass "nbd: exit 0 on SIGTERM"; else fail "nbd: exit $rc on SIGTERM"; fi
+  stop_nbd "nbd"
   if grep -q "nbd: connection .* serves 'data'" "$WORK/nbd-serve.log"; then
     pass "nbd: logged its connections"
   else
@@ -298,11 +302,7 @@ if command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null; then
   else
     fail "nbd --listen 127.0.0.1:0: reads other bytes over TCP"
   fi
-  kill -TERM "$NBD_PID"
-  rc=0
-  wait "$NBD_PID" || rc=$?
-  NBD_PID=""
-  if ((rc == 0)); then pass "nbd on TCP: exit 0 on SIGTERM"; else fail "nbd on TCP: exit $rc on SIGTERM"; fi
+  stop_nbd "nbd on TCP"
 else
   echo "skip nbd: nbdinfo/nbdcopy (libnbd-bin) not installed"
 fi
@@ -445,11 +445,7 @@ a.flush()
     fail "nbd --cache: the --cache-file lacks the written bytes"
   fi
   sleep 1.5  # at least one progress line
-  kill -TERM "$NBD_PID"
-  rc=0
-  wait "$NBD_PID" || rc=$?
-  NBD_PID=""
-  if ((rc == 0)); then pass "nbd --cache: exit 0 on SIGTERM"; else fail "nbd --cache: exit $rc on SIGTERM"; fi
+  stop_nbd "nbd --cache"
   cp "$WORK/nbd-cache.log" "$WORK/nbd-cache.err"
   expect_in nbd-cache err "cache of 'data': 4 MiB, chunk 64 KiB, local copy in $WORK/cache.img, writes pushed every 10000 ms"
   expect_in nbd-cache err "^cache: local 100% \(4 MiB of 4 MiB\), dirty 0 B, pull [0-9.]+ MB/s, push [0-9.]+ MB/s$"

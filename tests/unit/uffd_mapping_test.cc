@@ -406,6 +406,19 @@ TEST(Mapping, ChunksLargerThanTheTransportsLimitAreSplit) {
   EXPECT_GE(remote.requests_served(), 4u * 32u + 32u);
 }
 
+// In a death test's child: maps `remote` without prefetch and touches one byte of its
+// first chunk, which is expected to raise a signal. Exits 3 when the mapping cannot be
+// made, 0 when the touch returned.
+[[noreturn]] void TouchWithoutPrefetch(fabric::Remote& remote) {
+  MappingOptions o;
+  o.prefetch = false;
+  auto m = Mapping::Create(remote, o);
+  if (!m.ok()) _exit(3);
+  volatile std::byte b = (*m)->data()[5000];
+  (void)b;
+  _exit(0);
+}
+
 TEST(MappingDeathTest, UnservableFaultRaisesSigbusNotAHang) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   auto region = std::make_shared<MemoryRegion>("dead", 1u << 20);
@@ -413,13 +426,7 @@ TEST(MappingDeathTest, UnservableFaultRaisesSigbusNotAHang) {
       {
         MemoryRemote remote(region, false);
         remote.FailNext(1u << 20, Status(Code::kUnavailable, "server gone"));
-        MappingOptions o;
-        o.prefetch = false;
-        auto m = Mapping::Create(remote, o);
-        if (!m.ok()) _exit(3);
-        volatile std::byte b = (*m)->data()[5000];
-        (void)b;
-        _exit(0);
+        TouchWithoutPrefetch(remote);
       },
       mf::testing::DiedOf(SIGBUS), mf::testing::DeathMessage(SIGBUS));
 }
@@ -566,13 +573,7 @@ TEST(MappingDeathTest, FailedInstallRaisesSigbusNotAHang) {
         ::alarm(30);
         FaultyRemote remote(region, false);
         remote.unreadable_reads = true;
-        MappingOptions o;
-        o.prefetch = false;
-        auto m = Mapping::Create(remote, o);
-        if (!m.ok()) _exit(3);
-        volatile std::byte b = (*m)->data()[5000];
-        (void)b;
-        _exit(0);
+        TouchWithoutPrefetch(remote);
       },
       mf::testing::DiedOf(SIGBUS), mf::testing::DeathMessage(SIGBUS));
 }
