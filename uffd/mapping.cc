@@ -1,6 +1,7 @@
 #include "uffd/mapping.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <poll.h>
 #include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
@@ -458,6 +459,14 @@ void Mapping::PrefetchLoop() {
     }
     StartPull(chunk, count, slot, true);
   }
+  // The pass is over once its last pulls are: WaitPrefetched then stops waiting for chunks
+  // the program dropped or unmapped, which no pass brings back.
+  MutexLock lock(mu_);
+  cv_.wait(mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS {
+    return stopping_ || free_prefetch_slots_.size() == options_.prefetch_depth;
+  });
+  prefetch_pass_done_ = true;
+  cv_.notify_all();
 }
 
 void Mapping::SubmitChunk(fabric::IoKind kind, Slot& s, size_t slot, std::byte* staged,
@@ -914,9 +923,24 @@ Status Mapping::WaitPrefetched(std::chrono::milliseconds timeout) {
     if (chunks_.local_count() == chunks_.size()) return Status::Ok();
     if (!prefetch_error_.ok()) return prefetch_error_;
     if (!options_.prefetch) return Status(Code::kInvalidArgument, "prefetch is off");
+    if (prefetch_pass_done_) {
+      // Every chunk the pass found remote was pulled; what is not local now was dropped or
+      // unmapped by the program, is being pulled for a fault, or failed.
+      bool in_flight = false;
+      for (uint64_t c = 0; c < chunks_.size(); ++c) {
+        const fabric::ChunkState state = chunks_.state(c);
+        if (state == fabric::ChunkState::kFailed) {
+          return Status(Code::kUnavailable,
+                        fmt::format("chunk {} (offset {}) failed to pull", c, c * chunk_size_));
+        }
+        in_flight = in_flight || state == fabric::ChunkState::kInFlight ||
+                    state == fabric::ChunkState::kInFlightDropped;
+      }
+      if (!in_flight) return Status::Ok();
+    }
     if (cv_.wait_until(mu_, deadline) == std::cv_status::timeout) {
-      if (chunks_.local_count() == chunks_.size()) return Status::Ok();
-      return Status(Code::kTimeout, "prefetch did not finish in time");
+      return Status(Code::kTimeout, fmt::format("prefetch did not finish in {} ms ({} of {} chunks local)",
+                                                timeout.count(), chunks_.local_count(), chunks_.size()));
     }
   }
 }

@@ -145,8 +145,10 @@ class Mapping {
   // chunks not pushed stay dirty, and a later Sync() retries them. Never faults on a page
   // of a chunk that is not local, so a server gone is an error here, not a SIGBUS.
   Status Sync() MF_EXCLUDES(sync_mu_);
-  // Blocks until every chunk is local, or the timeout passes (kTimeout), or prefetch
-  // stopped on an error (that error).
+  // Blocks until the prefetch pass is over: every chunk is local except those the program
+  // dropped (MADV_DONTNEED) or unmapped, which stay remote until touched. Returns kTimeout
+  // when the timeout passes first, prefetch's error when it stopped on one, kUnavailable
+  // when a chunk failed to pull, kInvalidArgument when prefetch is off and chunks are remote.
   Status WaitPrefetched(std::chrono::milliseconds timeout) MF_EXCLUDES(mu_);
   // Stops the periodic sync, syncs (when writable), stops the other threads, unregisters
   // and unmaps. Idempotent; returns the final sync's status.
@@ -288,6 +290,7 @@ class Mapping {
   std::deque<uint64_t> pending_faults_ MF_GUARDED_BY(mu_);  // chunks waiting for a slot
   std::vector<std::pair<uint64_t, uint64_t>> unmapped_ MF_GUARDED_BY(mu_);
   Status prefetch_error_ MF_GUARDED_BY(mu_);
+  bool prefetch_pass_done_ MF_GUARDED_BY(mu_) = false;  // and its pulls have ended
   bool stopping_ MF_GUARDED_BY(mu_) = false;
   bool stop_sync_loop_ MF_GUARDED_BY(mu_) = false;  // set by Close before its own Sync
   // The end of PullForSync's pull (at most one: Syncs are serialized by sync_mu_).

@@ -390,6 +390,40 @@ TEST(Mapping, PrefetchPullsRunsOfSmallChunksInOneRequest) {
   EXPECT_EQ(remote.requests_served(), 4 + (kChunks - 6 + kRun - 1) / kRun);
 }
 
+// WaitPrefetched ends with the prefetch pass: chunks the program unmapped before the pass
+// reached them, or dropped after, stay remote and are not waited for.
+TEST(Mapping, WaitPrefetchedEndsWithThePassDespiteUnmappedAndDroppedChunks) {
+  constexpr size_t kSize = 8u << 20;
+  constexpr size_t kChunk = 64u << 10;
+  constexpr size_t kChunks = kSize / kChunk;
+  auto region = std::make_shared<MemoryRegion>("wait", kSize);
+  FillPattern(region->bytes(), 9);
+  MemoryRemote remote(region, false);
+  remote.SetDelay(std::chrono::milliseconds(5));  // the tail is unmapped long before the pass gets there
+  MappingOptions o;
+  o.chunk_size = kChunk;
+  o.prefetch_depth = 1;
+  auto m = Mapping::Create(remote, o);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  std::byte* p = (*m)->data();
+  ASSERT_EQ(::munmap(p + kSize - 2 * kChunk, 2 * kChunk), 0);
+  Status s = (*m)->WaitPrefetched(std::chrono::seconds(20));
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ((*m)->stats().local_chunks, kChunks - 2);
+  EXPECT_EQ(std::memcmp(p, region->data(), kSize - 2 * kChunk), 0);
+
+  ASSERT_EQ(::madvise(p, kChunk, MADV_DONTNEED), 0);
+  // The fault thread drops the chunk just after madvise returns.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while ((*m)->stats().local_chunks != kChunks - 3 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_EQ((*m)->stats().local_chunks, kChunks - 3);
+  s = (*m)->WaitPrefetched(std::chrono::seconds(2));
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(p[100], region->data()[100]);  // pulled again on touch
+  EXPECT_TRUE((*m)->Close().ok());
+}
+
 TEST(Mapping, ChunksLargerThanTheTransportsLimitAreSplit) {
   auto region = std::make_shared<MemoryRegion>("split", 8u << 20);
   FillPattern(region->bytes(), 5);
