@@ -10,6 +10,8 @@
 #   4. `memfabric swap`, then a process that allocates more than the guest's free memory
 #      (most of it is taken away as huge pages first) so that pages go to the remote swap;
 #      its memory reads back intact and /proc/swaps showed the swap in use;
+#   4b. swapoff refused by the kernel (strict overcommit): the swap stays on and served, and
+#      a second SIGTERM then detaches;
 #   5. after every detach (SIGINT, or SIGTERM for the reclaimed device and the swap) the
 #      device is free (/sys/block/nbdX/pid gone, size 0).
 #
@@ -226,6 +228,35 @@ peak=$(sed -n 's/.*swap used at most \([0-9]*\) MiB.*/\1/p' "$DIR/stress.out")
 ((peak >= OVERFLOW_MIB / 2)) || fail "only ${peak} MiB went to $SWAPDEV: the process did not really swap"
 echo "round trip through remote swap in $((SECONDS - start)) s"
 echo $((SWAP_MIB / 2)) >/proc/sys/vm/nr_hugepages
+
+# A swapoff that fails must leave the swap on and served. Under strict overcommit the kernel
+# refuses swapoff (ENOMEM) unless what is committed fits without the swap area: allow a
+# little less than is committed now, which still leaves about a swap area's worth for forks.
+note "4b. swapoff refused (strict overcommit): memfabric swap keeps $SWAPDEV on and served"
+committed_kib=$(awk '/^Committed_AS:/ {print $2}' /proc/meminfo)
+((committed_kib > 65536)) || fail "only ${committed_kib} KiB committed: too little to make swapoff fail"
+saved_overcommit=$(cat /proc/sys/vm/overcommit_memory) saved_ratio=$(cat /proc/sys/vm/overcommit_ratio)
+echo $((committed_kib - 32768)) >/proc/sys/vm/overcommit_kbytes
+echo 2 >/proc/sys/vm/overcommit_memory
+restore_overcommit() {
+  echo "$saved_overcommit" >/proc/sys/vm/overcommit_memory
+  echo "$saved_ratio" >/proc/sys/vm/overcommit_ratio # and overcommit_kbytes back to 0
+}
+kill -TERM "$swap_pid"
+deadline=$((SECONDS + 60))
+until grep -q "stays attached, swapped on and served" "$DIR/swap.log"; do
+  if ! kill -0 "$swap_pid" 2>/dev/null || ((SECONDS >= deadline)); then
+    restore_overcommit
+    cat "$DIR/swap.log" >&2
+    fail "memfabric swap did not report the failed swapoff and keep serving"
+  fi
+  sleep 0.2
+done
+restore_overcommit
+grep -q "^$SWAPDEV " /proc/swaps || fail "$SWAPDEV left /proc/swaps although swapoff failed"
+dd if="$SWAPDEV" of=/dev/null bs=1M count=8 iflag=direct status=none ||
+  fail "$SWAPDEV is not served after the failed swapoff"
+grep -E "swapoff $SWAPDEV: .*(memory|ENOMEM)" "$DIR/swap.log" || fail "the swapoff error is not in the log"
 detach "$swap_pid" "$SWAPDEV" TERM
 grep -q "^$SWAPDEV " /proc/swaps && fail "$SWAPDEV is still in /proc/swaps"
 grep -q "detached" "$DIR/swap.log" || fail "memfabric swap did not say it detached"
