@@ -6,10 +6,13 @@
 #include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <span>
 
 namespace mf::uffd {
 namespace {
@@ -28,9 +31,57 @@ constexpr std::chrono::microseconds kProtectRetryDelay{200};
 // making the chunk local (pages dropped meanwhile, or an install given back), at most this
 // many times.
 constexpr int kMaxSyncPulls = 100;
+// Sync copies dirty chunks into their push slots this many to a call at most.
+constexpr size_t kCopyBatch = 16;
 
 void* PageOf(uint64_t address) {
   return reinterpret_cast<void*>(address & ~uint64_t{kPageSize - 1});
+}
+
+// Copies `len` bytes at `from` in the mapped range to `to` for a push. Through the kernel
+// (process_vm_readv on this process) rather than memcpy: a page the program drops or
+// unmaps under the copy is faulted in as for any access, and one that cannot be (the server
+// is gone, the range is unmapped) makes this return an error where a memcpy would raise
+// SIGBUS or SIGSEGV in the syncing thread. Falls back to memcpy where the call is refused.
+std::atomic<bool> g_copy_refused{false};
+
+Status CopyFromMapping(std::byte* to, const std::byte* from, size_t len) {
+  size_t done = 0;
+  while (done < len && !g_copy_refused.load(std::memory_order_relaxed)) {
+    iovec local{to + done, len - done};
+    iovec remote{const_cast<std::byte*>(from + done), len - done};
+    const ssize_t n = ::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0);
+    if (n > 0) {
+      done += static_cast<size_t>(n);
+    } else if (n < 0 && (errno == ENOSYS || errno == EPERM)) {
+      spdlog::warn("uffd mapping: process_vm_readv refused ({}); syncs copy with memcpy",
+                   std::strerror(errno));
+      g_copy_refused.store(true, std::memory_order_relaxed);
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      return Status::FromErrno(
+          n < 0 ? errno : EFAULT,
+          fmt::format("copy of {} bytes at {} to push", len - done, static_cast<const void*>(from + done)));
+    }
+  }
+  if (done < len) std::memcpy(to + done, from + done, len - done);
+  return Status::Ok();
+}
+
+// Several copies in one call (a call costs about as much as copying a few pages). Returns
+// how many of them completed whole; the caller copies the rest one by one to find the one
+// that fails.
+size_t CopyManyFromMapping(std::span<const iovec> to, std::span<const iovec> from) {
+  if (to.size() <= 1 || g_copy_refused.load(std::memory_order_relaxed)) return 0;
+  ssize_t n = 0;
+  do {
+    n = ::process_vm_readv(::getpid(), to.data(), to.size(), from.data(), from.size(), 0);
+  } while (n < 0 && errno == EINTR);
+  size_t left = n > 0 ? static_cast<size_t>(n) : 0;
+  size_t whole = 0;
+  while (whole < to.size() && left >= to[whole].iov_len) left -= to[whole++].iov_len;
+  return whole;
 }
 
 }  // namespace
@@ -735,16 +786,14 @@ Status Mapping::Sync() {
     if (stopping_)
       return Status(Code::kAborted, "sync of '" + remote_.info().name + "': the mapping is closed");
   }
-  {
-    // munmap returns once the fault thread has read its event, maybe before it handled
-    // it: wait for the batch being handled, so that a hole made before this call is known.
-    MutexLock events_lock(events_mu_);
-  }
+  WaitForReadEvents();  // a hole made before this call is known
   if (tracking_ == WriteTracking::kAsync) MF_RETURN_IF_ERROR(ScanWritten());
   {
     MutexLock lock(push_mu_);
     push_error_ = Status::Ok();
   }
+  std::vector<PendingCopy> copies;  // protected, with a push slot, not yet copied
+  copies.reserve(kCopyBatch);
   for (uint64_t chunk = 0; chunk < chunks_.size(); ++chunk) {
     if (!chunks_.dirty(chunk)) continue;
     // A chunk still being pulled (written in pieces that arrived, or re-pulled after a
@@ -761,11 +810,7 @@ Status Mapping::Sync() {
     if (cut_chunks_[chunk].load(std::memory_order_acquire)) {
       // Partly unmapped: its mapped pages are pushed on their own (a wholly unmapped chunk
       // left the dirty set when it went, and has none).
-      Status s = PushCutChunk(chunk);
-      if (!s.ok()) {
-        MutexLock lock(push_mu_);
-        if (push_error_.ok()) push_error_ = s;
-      }
+      PushCutChunkForSync(chunk);
       continue;
     }
     if (chunks_.state(chunk) == fabric::ChunkState::kFailed) {
@@ -779,6 +824,13 @@ Status Mapping::Sync() {
       }
       continue;
     }
+    bool no_free_slot = false;
+    {
+      MutexLock lock(push_mu_);
+      no_free_slot = free_push_slots_.empty();
+    }
+    // The slots taken wait for their copy: make it before waiting for one to free.
+    if (no_free_slot && !copies.empty()) CopyAndPush(copies);
     size_t slot = 0;
     {
       MutexLock lock(push_mu_);
@@ -791,18 +843,24 @@ Status Mapping::Sync() {
     const size_t len = ChunkLength(chunk);
     if (tracking_ == WriteTracking::kSync) {
       const auto start = reinterpret_cast<uint64_t>(addr);
-      Status s = ProtectForPush(chunk, {{start, start + len}});
-      if (!s.ok()) {
-        push_slots_[slot].transfer.Expect(1);
-        OnPushDone(slot, s);
+      if (Status s = ProtectForPush(chunk, {{start, start + len}}); !s.ok()) {
+        // ENOENT: unmapped while Sync waited for the slot.
+        if (!UnmappedMeanwhile(chunk)) {
+          push_slots_[slot].transfer.Expect(1);
+          OnPushDone(slot, s);
+          continue;
+        }
+        ReleasePushSlot(slot);
+        PushCutChunkForSync(chunk);
         continue;
       }
     } else {
       chunks_.SetDirty(chunk, false);  // ScanWritten protected it again
     }
-    std::memcpy(push_buffer_.data() + slot * chunk_size_, addr, len);
-    StartPush(chunk, slot);
+    copies.push_back({chunk, slot});
+    if (copies.size() == kCopyBatch) CopyAndPush(copies);
   }
+  CopyAndPush(copies);
   Status result;
   {
     MutexLock lock(push_mu_);
@@ -813,6 +871,65 @@ Status Mapping::Sync() {
   }
   if (!result.ok()) return result.WithContext("sync of '" + remote_.info().name + "'");
   return remote_.Flush();
+}
+
+void Mapping::CopyAndPush(std::vector<PendingCopy>& copies) {
+  iovec to[kCopyBatch];
+  iovec from[kCopyBatch];
+  for (size_t i = 0; i < copies.size(); ++i) {
+    const auto [chunk, slot] = copies[i];
+    to[i] = {push_buffer_.data() + slot * chunk_size_, ChunkLength(chunk)};
+    from[i] = {ChunkAddress(chunk), ChunkLength(chunk)};
+  }
+  const size_t whole = CopyManyFromMapping({to, copies.size()}, {from, copies.size()});
+  std::vector<Status> copied(copies.size());
+  for (size_t i = whole; i < copies.size(); ++i) {
+    copied[i] = CopyFromMapping(static_cast<std::byte*>(to[i].iov_base),
+                                static_cast<const std::byte*>(from[i].iov_base), to[i].iov_len);
+  }
+  // A chunk the program unmapped (or mapped over) during the copy holds bytes that are not
+  // the region's, or failed to copy.
+  WaitForReadEvents();
+  for (size_t i = 0; i < copies.size(); ++i) {
+    const auto [chunk, slot] = copies[i];
+    if (cut_chunks_[chunk].load(std::memory_order_acquire)) {
+      ReleasePushSlot(slot);
+      PushCutChunkForSync(chunk);
+    } else if (!copied[i].ok()) {
+      // Pages dropped under the copy that could not be pulled back (the server is gone).
+      // The chunk stays dirty; the next Sync pulls it first.
+      push_slots_[slot].transfer.Expect(1);
+      OnPushDone(slot, copied[i].WithContext("chunk " + std::to_string(chunk)));
+    } else {
+      StartPush(chunk, slot);
+    }
+  }
+  copies.clear();
+}
+
+void Mapping::WaitForReadEvents() {
+  // munmap and mmap return once the fault thread has read their event, maybe before it
+  // handled it; it handles a batch it read with events_mu_ held.
+  MutexLock events_lock(events_mu_);
+}
+
+bool Mapping::UnmappedMeanwhile(uint64_t chunk) {
+  WaitForReadEvents();
+  return cut_chunks_[chunk].load(std::memory_order_acquire);
+}
+
+void Mapping::ReleasePushSlot(size_t slot) {
+  MutexLock lock(push_mu_);
+  free_push_slots_.push_back(slot);
+  push_cv_.notify_all();
+}
+
+void Mapping::PushCutChunkForSync(uint64_t chunk) {
+  // Its pages still mapped go on their own (none when it went whole).
+  if (Status s = PushCutChunk(chunk); !s.ok()) {
+    MutexLock lock(push_mu_);
+    if (push_error_.ok()) push_error_ = s;
+  }
 }
 
 Status Mapping::ProtectForPush(uint64_t chunk, const std::vector<std::pair<uint64_t, uint64_t>>& segments) {
@@ -891,8 +1008,9 @@ Status Mapping::PushCutChunk(uint64_t chunk) {
   }
   std::vector<std::byte> bytes;
   for (const auto& [from, to] : segments) {
-    bytes.assign(reinterpret_cast<const std::byte*>(from), reinterpret_cast<const std::byte*>(to));
-    Status s = fabric::WriteAt(remote_, chunk * chunk_size_ + (from - start), bytes);
+    bytes.resize(to - from);
+    Status s = CopyFromMapping(bytes.data(), reinterpret_cast<const std::byte*>(from), bytes.size());
+    if (s.ok()) s = fabric::WriteAt(remote_, chunk * chunk_size_ + (from - start), bytes);
     if (!s.ok()) {
       chunks_.SetDirty(chunk, true);
       return s;

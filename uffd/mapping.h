@@ -203,6 +203,22 @@ class Mapping {
   // `for_sync`: a pull PullForSync waits for (one chunk, on a fault slot).
   void StartPull(uint64_t chunk, uint32_t count, size_t slot, bool prefetch, bool for_sync = false);
   void StartPush(uint64_t chunk, size_t slot);
+  // Sync's chunks that hold a push slot and are protected, waiting to be copied into it.
+  struct PendingCopy {
+    uint64_t chunk;
+    size_t slot;
+  };
+  // Copies them (in one call where it can), then pushes each; one unmapped meanwhile pushes
+  // only its pages still mapped. Empties `copies`.
+  void CopyAndPush(std::vector<PendingCopy>& copies) MF_EXCLUDES(mu_, push_mu_, events_mu_);
+  // Returns once the events the fault thread has read are handled: the holes of every
+  // munmap or mmap that returned before the call are then known.
+  void WaitForReadEvents() MF_EXCLUDES(events_mu_);
+  // Whether `chunk` was unmapped, whole or in part, by a munmap or mmap that has returned.
+  bool UnmappedMeanwhile(uint64_t chunk) MF_EXCLUDES(events_mu_);
+  void ReleasePushSlot(size_t slot) MF_EXCLUDES(push_mu_);
+  // PushCutChunk for Sync: its error becomes Sync's.
+  void PushCutChunkForSync(uint64_t chunk) MF_EXCLUDES(mu_, push_mu_);
   // Submits the transfer of the slot's chunks from/to `staged` in requests of s.piece bytes.
   void SubmitChunk(fabric::IoKind kind, Slot& s, size_t slot, std::byte* staged, const fabric::Buffer& buffer,
                    fabric::IoCallback* done);

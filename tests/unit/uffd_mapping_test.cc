@@ -726,6 +726,96 @@ TEST(MappingDeathTest, SyncOfAPartlyDroppedChunkWithTheServerFailingReturnsAnErr
   }
 }
 
+// The program drops pages of a dirty chunk (MADV_DONTNEED) while Sync copies it, with the
+// server failing reads: those pages cannot come back, and Sync must return an error (the
+// chunk stays dirty) instead of raising SIGBUS in its caller. The pages go one at a time
+// from the chunk's end while the copy runs from its start, so that the two meet; each
+// round (a fresh mapping: a chunk that failed to pull stays failed) starts dropping a
+// little later than the one before. On a memcpy copy this died in about a third of runs.
+TEST(MappingDeathTest, PagesDroppedUnderSyncsCopyAreAnErrorNotASigbus) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  constexpr size_t kChunk = 2u << 20;
+  constexpr size_t kRounds = 128;
+  auto region = std::make_shared<MemoryRegion>("race", kChunk);
+  EXPECT_EXIT(
+      {
+        ::alarm(120);
+        FaultyRemote remote(region, true);
+        MappingOptions o;
+        o.chunk_size = kChunk;
+        o.prefetch = false;
+        for (size_t round = 0; round < kRounds; ++round) {
+          auto m = Mapping::Create(remote, o);
+          if (!m.ok()) _exit(3);
+          std::byte* chunk = (*m)->data();
+          std::memset(chunk, static_cast<int>(round + 1), kChunk);
+          remote.fail_reads = true;
+          std::atomic<bool> synced{false};
+          std::thread dropper([&] {
+            const auto start = std::chrono::steady_clock::now() + std::chrono::microseconds(4 * round);
+            while (std::chrono::steady_clock::now() < start) {
+            }
+            for (size_t page = kChunk / kPageSize - 1; page > 0 && !synced.load(std::memory_order_acquire);
+                 --page) {
+              if (::madvise(chunk + page * kPageSize, kPageSize, MADV_DONTNEED) != 0) _exit(4);
+            }
+          });
+          Status s = (*m)->Sync();
+          synced.store(true, std::memory_order_release);
+          dropper.join();
+          if (!s.ok() && (*m)->stats().dirty_chunks == 0) _exit(5);  // an error keeps the chunk
+          remote.fail_reads = false;
+          (void)(*m)->Close();
+        }
+        _exit(0);
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
+// Sync waits for a push slot for chunk 1 while the program unmaps it, or maps memory of
+// its own over it: Sync neither fails nor pushes those bytes over the region's.
+TEST(Mapping, ChunkUnmappedOrMappedOverWhileSyncWaitsIsNotPushed) {
+  constexpr size_t kChunk = 64u << 10;
+  for (WriteTracking tracking : {WriteTracking::kSync, WriteTracking::kAsync}) {
+    if (tracking == WriteTracking::kAsync && !KernelHasAsyncWp()) continue;
+    for (bool map_over : {false, true}) {
+      SCOPED_TRACE(std::string(WriteTrackingName(tracking)) + (map_over ? " mmap over" : " munmap"));
+      auto region = std::make_shared<MemoryRegion>("replaced", 1u << 20);
+      std::memset(region->data(), 0x11, 1u << 20);
+      MemoryRemote remote(region, true);
+      MappingOptions o;
+      o.chunk_size = kChunk;
+      o.prefetch = false;
+      o.push_depth = 1;
+      o.tracking = tracking;
+      auto m = Mapping::Create(remote, o);
+      ASSERT_TRUE(m.ok()) << m.status().ToString();
+      std::byte* p = (*m)->data();
+      std::memset(p, 0x22, 2 * kChunk);
+      remote.SetDelay(std::chrono::milliseconds(200));
+      Status synced;
+      std::thread syncer([&] { synced = (*m)->Sync(); });
+      std::this_thread::sleep_for(std::chrono::milliseconds(80));  // chunk 0 is being pushed
+      if (map_over) {
+        void* own = ::mmap(p + kChunk, kChunk, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+        ASSERT_NE(own, MAP_FAILED);
+        std::memset(p + kChunk, 0xee, kChunk);
+      } else {
+        ASSERT_EQ(::munmap(p + kChunk, kChunk), 0);
+      }
+      syncer.join();
+      remote.SetDelay(std::chrono::microseconds(0));
+      EXPECT_TRUE(synced.ok()) << synced.ToString();
+      EXPECT_EQ(region->data()[0], std::byte{0x22});
+      EXPECT_EQ(region->data()[kChunk], std::byte{0x11});
+      EXPECT_EQ(region->data()[2 * kChunk - 1], std::byte{0x11});
+      EXPECT_EQ((*m)->stats().dirty_chunks, 0u);
+      EXPECT_TRUE((*m)->Close().ok());
+    }
+  }
+}
+
 // Close with the periodic sync running: a pass that queued behind Close's own Sync must
 // not run once the fault thread is gone (a page it touched would never be served, and
 // Close would hang joining it). Chunks are written and partly dropped right before each
