@@ -135,6 +135,10 @@ Result<std::unique_ptr<Mapping>> Mapping::Create(fabric::Remote& remote, const M
   if (remote.size() == 0 || remote.size() % kPageSize != 0) {
     return InvalidArgument("region size must be a non-zero multiple of 4 KiB");
   }
+  if (remote.max_transfer() < kPageSize) {
+    return Unsupported("the transport moves at most " + std::to_string(remote.max_transfer()) +
+                       " bytes a request; a mapping needs at least a page (4 KiB)");
+  }
   if (options.fault_depth == 0 || options.push_depth == 0 ||
       (options.prefetch && options.prefetch_depth == 0)) {
     return InvalidArgument("fault, push and prefetch depths must be at least 1");
@@ -216,7 +220,10 @@ Status Mapping::Init() {
   initialized_ = true;
 
   fault_thread_ = std::thread([this] { FaultLoop(); });
-  if (!uffd_->has(UFFD_FEATURE_POISON)) fail_thread_ = std::thread([this] { FailLoop(); });
+  if (!uffd_->has(UFFD_FEATURE_POISON)) {
+    fail_loop_running_.store(true, std::memory_order_release);
+    fail_thread_ = std::thread([this] { FailLoop(); });
+  }
   if (options_.prefetch) prefetch_thread_ = std::thread([this] { PrefetchLoop(); });
   if (writable && options_.sync_interval.count() > 0) sync_thread_ = std::thread([this] { SyncLoop(); });
   spdlog::debug("uffd mapping of '{}': {} bytes at {}, chunk {}, tracking {}, prefetch {}",
@@ -417,14 +424,21 @@ void Mapping::HandleRemove(uint64_t start, uint64_t end) {
     // The pages are gone: the next touch pulls them again. Pages of the chunk outside the
     // range stay, and the re-pull skips them (Sync pulls a dirty chunk so left too).
     chunks_.Drop(c);
-    ForgetWritesIfWhollyIn(c, start, end);
+    ForgetWritesIfWhollyIn(c, start, end, /*reprotect=*/tracking_ == WriteTracking::kSync);
   }
 }
 
-void Mapping::ForgetWritesIfWhollyIn(uint64_t chunk, uint64_t start, uint64_t end) {
+void Mapping::ForgetWritesIfWhollyIn(uint64_t chunk, uint64_t start, uint64_t end, bool reprotect) {
   const auto chunk_start = reinterpret_cast<uint64_t>(ChunkAddress(chunk));
   if (start <= chunk_start && chunk_start + ChunkLength(chunk) <= end) {
     MutexLock lock(stripes_[chunk % kLockStripes]);
+    // MADV_FREE leaves the pages in place, unprotected since the chunk's first write: a
+    // write after it would neither fault nor mark the chunk. So they are protected again
+    // first; if that fails the chunk stays dirty (pushed once more, which is harmless).
+    if (reprotect && chunks_.dirty(chunk) &&
+        !uffd_->WriteProtect(ChunkAddress(chunk), ChunkLength(chunk), true).ok()) {
+      return;
+    }
     chunks_.SetDirty(chunk, false);
   }
 }
@@ -443,7 +457,7 @@ void Mapping::HandleUnmap(uint64_t start, uint64_t end) {
   }
   for (uint64_t c = (start - base) / chunk_size_; c <= (end - 1 - base) / chunk_size_; ++c) {
     cut_chunks_[c].store(true, std::memory_order_release);
-    ForgetWritesIfWhollyIn(c, start, end);  // and Sync never reads it again
+    ForgetWritesIfWhollyIn(c, start, end, /*reprotect=*/false);  // and Sync never reads it again
   }
 }
 
@@ -532,7 +546,8 @@ void Mapping::StartPull(uint64_t chunk, uint32_t count, size_t slot, bool prefet
   s.count = count;
   s.prefetch = prefetch;
   s.for_sync = for_sync;
-  s.piece = std::min(remote_.max_transfer(), kInstallPiece);
+  // Whole pages: each piece is installed on its own, at its offset.
+  s.piece = std::min(remote_.max_transfer(), kInstallPiece) / kPageSize * kPageSize;
   s.install_errors.store(0, std::memory_order_relaxed);
   s.install_errno.store(0, std::memory_order_relaxed);
   if (!prefetch) fault_pulls_.fetch_add(1, std::memory_order_relaxed);
@@ -620,9 +635,9 @@ void Mapping::OnPullDone(uint64_t cookie, const Status& piece_status) {
     FailChunk(ps.chunk);
   }
   if (!ps.prefetch) fault_pulls_.fetch_sub(1, std::memory_order_relaxed);
-  bool wake_fault_thread = false;
   {
     MutexLock lock(mu_);
+    bool wake_fault_thread = false;
     if (ps.prefetch) {
       free_prefetch_slots_.push_back(slot);
     } else {
@@ -633,9 +648,10 @@ void Mapping::OnPullDone(uint64_t cookie, const Status& piece_status) {
       free_fault_slots_.push_back(slot);
       wake_fault_thread = !pending_faults_.empty();
     }
+    // Inside the lock: once a slot is free, Close may return and free this Mapping.
+    cv_.notify_all();
+    if (wake_fault_thread) Notify();
   }
-  cv_.notify_all();
-  if (wake_fault_thread) Notify();
 }
 
 void Mapping::FailChunk(uint64_t chunk) {
@@ -649,7 +665,7 @@ void Mapping::FailPages(std::byte* addr, size_t len) {
     // EAGAIN: an event is pending; the woken thread faults again and this runs again.
     spdlog::debug("uffd mapping: poison {}: {}", static_cast<void*>(addr), s.ToString());
   }
-  if (fail_thread_.joinable()) {
+  if (fail_loop_running_.load(std::memory_order_acquire)) {
     // Older kernels: FailLoop maps an empty file over the pages (every access SIGBUS),
     // then wakes the waiters.
     {

@@ -195,8 +195,9 @@ class Mapping {
   void HandleRemove(uint64_t start, uint64_t end);
   void HandleUnmap(uint64_t start, uint64_t end) MF_EXCLUDES(mu_);
   // Dropped or unmapped pages [start, end) covering the whole chunk took its unsynced
-  // writes with them: it leaves the dirty set (nothing to push).
-  void ForgetWritesIfWhollyIn(uint64_t chunk, uint64_t start, uint64_t end);
+  // writes with them: it leaves the dirty set (nothing to push). With sync tracking and
+  // pages that may still be there (MADV_FREE), `reprotect` write-protects them first.
+  void ForgetWritesIfWhollyIn(uint64_t chunk, uint64_t start, uint64_t end, bool reprotect);
   void PrefetchLoop() MF_EXCLUDES(mu_);
   void SyncLoop() MF_EXCLUDES(mu_);
   // Pulls `count` consecutive chunks from `chunk` (claimed by the caller) into `slot`.
@@ -331,6 +332,9 @@ class Mapping {
   std::thread prefetch_thread_;
   std::thread sync_thread_;
   std::thread fail_thread_;  // FailLoop, on kernels without UFFDIO_POISON
+  // Set before fail_thread_ starts; read by FailPages on any thread while Close may be
+  // joining fail_thread_ (whose own state is not for other threads to read).
+  std::atomic<bool> fail_loop_running_{false};
 };
 
 }  // namespace mf::uffd

@@ -283,6 +283,28 @@ TEST_P(MappingTest, PrefetchPullsEverythingInTheBackground) {
   EXPECT_EQ(std::memcmp((*m)->data(), region_->data(), kSize), 0);
 }
 
+// MADV_FREE leaves the pages in place (until memory runs short) but raises the same event
+// as MADV_DONTNEED: a write after it must still be tracked and pushed.
+TEST_P(MappingTest, WriteAfterMadvFreeIsPushed) {
+  MemoryRemote remote(region_, true);
+  auto m = Mapping::Create(remote, Options());
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  const size_t c = GetParam().chunk;
+  std::byte* p = (*m)->data();
+  p[10] = std::byte{1};
+  ASSERT_TRUE((*m)->Sync().ok());  // and the chunk's pull has ended
+  const uint64_t local = (*m)->stats().local_chunks;
+  ASSERT_EQ(::madvise(p, c, MADV_FREE), 0);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while ((*m)->stats().local_chunks == local && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  p[10] = std::byte{2};
+  p[c - 1] = std::byte{3};
+  ASSERT_TRUE((*m)->Sync().ok());
+  EXPECT_EQ(region_->data()[10], std::byte{2});
+  EXPECT_EQ(region_->data()[c - 1], std::byte{3});
+}
+
 // munmap of a whole chunk drops it from the dirty set: Sync neither reads the hole nor
 // pushes anything for it. A chunk partly unmapped pushes only its pages still mapped.
 TEST_P(MappingTest, MunmapOfChunksKeepsSyncWorking) {
@@ -422,6 +444,28 @@ TEST(Mapping, WaitPrefetchedEndsWithThePassDespiteUnmappedAndDroppedChunks) {
   EXPECT_TRUE(s.ok()) << s.ToString();
   EXPECT_EQ(p[100], region->data()[100]);  // pulled again on touch
   EXPECT_TRUE((*m)->Close().ok());
+}
+
+// A transport whose largest request is not a whole number of pages (another server
+// version may say so) still serves faults: pulls go in whole pages. One that cannot move a
+// page at once is refused.
+TEST(Mapping, TransportLimitThatIsNotAPageMultipleStillServesFaults) {
+  auto region = std::make_shared<MemoryRegion>("odd", 1u << 20);
+  FillPattern(region->bytes(), 23);
+  MemoryRemote remote(region, true, 6000);
+  MappingOptions o;
+  o.chunk_size = 64u << 10;
+  auto m = Mapping::Create(remote, o);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  EXPECT_EQ(std::memcmp((*m)->data(), region->data(), 1u << 20), 0);
+  std::memset((*m)->data() + 5000, 0x3c, 70000);
+  ASSERT_TRUE((*m)->Sync().ok());
+  for (size_t i = 5000; i < 75000; ++i) ASSERT_EQ(region->data()[i], std::byte{0x3c}) << i;
+
+  MemoryRemote tiny(region, true, 2048);
+  auto refused = Mapping::Create(tiny, o);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), Code::kUnsupported);
 }
 
 TEST(Mapping, ChunksLargerThanTheTransportsLimitAreSplit) {
