@@ -25,8 +25,9 @@
 namespace mf::cli {
 
 constexpr int kExitOk = 0;
-constexpr int kExitRuntime = 1;  // the operation failed (server, network, I/O)
-constexpr int kExitUsage = 2;    // the command line or its configuration is wrong
+constexpr int kExitRuntime = 1;        // the operation failed (server, network, I/O)
+constexpr int kExitUsage = 2;          // the command line or its configuration is wrong
+constexpr int kExitInterrupted = 128;  // + the signal (SIGINT, SIGTERM) that cut the work short
 
 // One subcommand: its CLI11 app and what runs it once parsed.
 struct Command {

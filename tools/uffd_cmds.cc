@@ -8,6 +8,7 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cstring>
 #include <numeric>
@@ -27,6 +28,7 @@ namespace {
 constexpr char kMountCmd[] = "mount";
 constexpr size_t kHashStep = 64u << 20;  // bytes hashed between progress lines
 constexpr auto kHoldInterval = std::chrono::seconds(1);
+constexpr char kDefaultChunk[] = "64K";
 
 constexpr char kMountFooter[] = R"(Examples:
   # checksum a region through the mapping (pages pulled on first touch, prefetch ahead)
@@ -54,12 +56,12 @@ struct MountFlags {
   bool reclaim = false;
   bool uffd = false;
   bool nbd = false;
-  std::string chunk = "64K";
+  std::string chunk;  // default kDefaultChunk
   bool no_prefetch = false;
   bool writable = false;
   bool hold = false;
   std::string fill;
-  std::string offset = "0";
+  std::string offset;  // default 0
   std::string length;
   std::string sync_interval = "0";
   int connections = 4;
@@ -71,6 +73,29 @@ std::string Progress(const uffd::MappingStats& s) {
       "local {}/{} chunks ({:.0f}%), dirty {}, pulled {}, pushed {}", s.local_chunks, s.chunks,
       s.chunks ? 100.0 * static_cast<double>(s.local_chunks) / static_cast<double>(s.chunks) : 0.0,
       s.dirty_chunks, fabric::FormatSize(s.bytes_pulled), fabric::FormatSize(s.bytes_pushed));
+}
+
+// --fill's byte: decimal or 0x-prefixed hex, 0 to 255, nothing after it.
+Result<uint8_t> ParseFillByte(std::string_view text) {
+  const bool hex = text.starts_with("0x") || text.starts_with("0X");
+  const std::string_view digits = hex ? text.substr(2) : text;
+  unsigned value = 0;
+  const auto [end, err] = std::from_chars(digits.data(), digits.data() + digits.size(), value, hex ? 16 : 10);
+  if (digits.empty() || err != std::errc() || end != digits.data() + digits.size() || value > 0xff) {
+    return InvalidArgument("bad --fill '" + std::string(text) + "': a byte value, 0 to 255 or 0x00 to 0xff");
+  }
+  return static_cast<uint8_t>(value);
+}
+
+// SIGINT or SIGTERM pending (they are blocked, and taken here): that signal, else 0.
+int PendingStopSignal(const sigset_t& stop) {
+  const timespec now{0, 0};
+  const int sig = sigtimedwait(&stop, nullptr, &now);
+  return sig == SIGINT || sig == SIGTERM ? sig : 0;
+}
+
+const char* SignalName(int sig) {
+  return sig == SIGINT ? "SIGINT" : "SIGTERM";
 }
 
 struct Opened {
@@ -104,8 +129,11 @@ int RunMount(const MountFlags& flags) {
     return Report(kMountCmd, InvalidArgument("choose one view: --uffd (this process's memory) or --nbd"));
   }
   if (flags.nbd) {
-    if (!flags.fill.empty() || flags.hold || flags.sync_interval != "0") {
-      return Report(kMountCmd, InvalidArgument("--fill, --hold and --sync-interval go with --uffd only"));
+    if (!flags.fill.empty() || !flags.offset.empty() || !flags.length.empty() || flags.hold ||
+        flags.sync_interval != "0" || !flags.chunk.empty() || flags.no_prefetch) {
+      return Report(kMountCmd,
+                    InvalidArgument("--fill, --offset, --length, --hold, --sync-interval, --chunk and "
+                                    "--no-prefetch go with --uffd only"));
     }
     return RunNbdMount(
         {flags.target, flags.device, flags.writable, flags.reclaim, flags.connections, flags.cache});
@@ -113,13 +141,36 @@ int RunMount(const MountFlags& flags) {
   if (!flags.device.empty() || flags.reclaim) {
     return Report(kMountCmd, InvalidArgument("DEVICE and --reclaim go with --nbd only"));
   }
-  auto chunk = ParseByteCount("--chunk", flags.chunk);
+  auto chunk = ParseByteCount("--chunk", flags.chunk.empty() ? kDefaultChunk : flags.chunk);
   auto interval = ParseDuration(flags.sync_interval);
   if (!chunk.ok()) return Report(kMountCmd, chunk.status());
   if (!interval.ok()) return Report(kMountCmd, interval.status());
   const bool filling = !flags.fill.empty();
+  if (!filling && (!flags.offset.empty() || !flags.length.empty())) {
+    return Report(kMountCmd, InvalidArgument("--offset and --length say where --fill writes: add --fill"));
+  }
   if ((filling || interval->count() > 0) && !flags.writable) {
     return Report(kMountCmd, InvalidArgument("--fill and --sync-interval write: add --writable"));
+  }
+  // All of --fill's arguments are checked before the write lease is taken; the range
+  // against the region's size once it is known.
+  uint8_t fill_value = 0;
+  uint64_t fill_offset = 0;
+  std::optional<uint64_t> fill_length;
+  if (filling) {
+    auto value = ParseFillByte(flags.fill);
+    if (!value.ok()) return Report(kMountCmd, value.status());
+    fill_value = *value;
+    if (!flags.offset.empty()) {
+      auto offset = ParseByteCount("--offset", flags.offset);
+      if (!offset.ok()) return Report(kMountCmd, offset.status());
+      fill_offset = *offset;
+    }
+    if (!flags.length.empty()) {
+      auto length = ParseByteCount("--length", flags.length);
+      if (!length.ok()) return Report(kMountCmd, length.status());
+      fill_length = *length;
+    }
   }
   uffd::MappingOptions options;
   options.chunk_size = *chunk;
@@ -142,26 +193,36 @@ int RunMount(const MountFlags& flags) {
                fabric::FormatSize(m.chunk_size()).c_str(), options.prefetch ? "on" : "off",
                std::string(uffd::WriteTrackingName(m.tracking())).c_str());
 
+  int stopped_by = 0;
   if (filling) {
-    auto value = std::stoul(flags.fill, nullptr, 0);
-    auto offset = ParseByteCount("--offset", flags.offset);
-    auto length = ParseByteCount("--length", flags.length.empty() ? std::to_string(m.size()) : flags.length);
-    if (!offset.ok()) return Report(kMountCmd, offset.status());
-    if (!length.ok()) return Report(kMountCmd, length.status());
-    if (value > 0xff) return Report(kMountCmd, InvalidArgument("--fill takes a byte value, 0 to 0xff"));
-    Status range = fabric::CheckRange(*offset, *length, m.size());
+    const uint64_t length = fill_length.value_or(m.size() - std::min(fill_offset, m.size()));
+    Status range = fabric::CheckRange(fill_offset, length, m.size());
     if (!range.ok()) return Report(kMountCmd, range);
-    std::memset(m.data() + *offset, static_cast<int>(value), *length);
-    Status synced = m.Sync();
-    if (!synced.ok()) return Report(kMountCmd, synced);
-    std::printf("filled %s at offset %llu with 0x%02lx and synced: %s\n", fabric::FormatSize(*length).c_str(),
-                static_cast<unsigned long long>(*offset), value, Progress(m.stats()).c_str());
+    uint64_t done = 0;
+    while (done < length && (stopped_by = PendingStopSignal(stop)) == 0) {
+      const uint64_t step = std::min<uint64_t>(kHashStep, length - done);
+      std::memset(m.data() + fill_offset + done, fill_value, step);
+      done += step;
+    }
+    if (stopped_by != 0) {
+      std::fprintf(stderr, "%s: stopped filling after %s of %s; pushing what was written\n",
+                   SignalName(stopped_by), fabric::FormatSize(done).c_str(),
+                   fabric::FormatSize(length).c_str());
+    } else {
+      Status synced = m.Sync();
+      if (!synced.ok()) return Report(kMountCmd, synced);
+      std::printf("filled %s at offset %llu with 0x%02x and synced: %s\n", fabric::FormatSize(length).c_str(),
+                  static_cast<unsigned long long>(fill_offset), fill_value, Progress(m.stats()).c_str());
+    }
   } else if (!flags.hold) {
     XXH3_state_t* state = XXH3_createState();
     XXH3_64bits_reset(state);
     const auto start = std::chrono::steady_clock::now();
-    for (size_t at = 0; at < m.size(); at += kHashStep) {
-      XXH3_64bits_update(state, m.data() + at, std::min(kHashStep, m.size() - at));
+    size_t at = 0;
+    while (at < m.size() && (stopped_by = PendingStopSignal(stop)) == 0) {
+      const size_t step = std::min(kHashStep, m.size() - at);
+      XXH3_64bits_update(state, m.data() + at, step);
+      at += step;
       if (isatty(STDERR_FILENO)) std::fprintf(stderr, "\rhashing: %s", Progress(m.stats()).c_str());
     }
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -169,13 +230,19 @@ int RunMount(const MountFlags& flags) {
     XXH3_freeState(state);
     if (isatty(STDERR_FILENO)) std::fputc('\n', stderr);
     const auto s = m.stats();
-    std::printf("XXH3_64 %016llx  %s (%s in %.2f s, %.0f MB/s; %llu faults, %llu chunks prefetched)\n",
-                static_cast<unsigned long long>(hash), o.remote->info().name.c_str(),
-                fabric::FormatSize(m.size()).c_str(), seconds, static_cast<double>(m.size()) / 1e6 / seconds,
-                static_cast<unsigned long long>(s.faults), static_cast<unsigned long long>(s.prefetches));
+    if (stopped_by != 0) {
+      std::fprintf(stderr, "%s: stopped hashing after %s of %s (no checksum)\n", SignalName(stopped_by),
+                   fabric::FormatSize(at).c_str(), fabric::FormatSize(m.size()).c_str());
+    } else {
+      std::printf("XXH3_64 %016llx  %s (%s in %.2f s, %.0f MB/s; %llu faults, %llu chunks prefetched)\n",
+                  static_cast<unsigned long long>(hash), o.remote->info().name.c_str(),
+                  fabric::FormatSize(m.size()).c_str(), seconds,
+                  static_cast<double>(m.size()) / 1e6 / seconds, static_cast<unsigned long long>(s.faults),
+                  static_cast<unsigned long long>(s.prefetches));
+    }
   }
 
-  if (flags.hold) {
+  if (flags.hold && stopped_by == 0) {
     std::fprintf(stderr, "holding the mapping; Ctrl-C or SIGTERM ends it%s\n",
                  flags.writable ? " after a final sync" : "");
     std::optional<CacheProgress> cache_progress;
@@ -190,8 +257,10 @@ int RunMount(const MountFlags& flags) {
   }
   Status closed = m.Close();
   if (!closed.ok()) return Report(kMountCmd, closed.WithContext("final sync"));
-  if (o.cache) return CloseCache(kMountCmd, *o.cache);
-  return kExitOk;
+  if (o.cache) {
+    if (int rc = CloseCache(kMountCmd, *o.cache); rc != kExitOk) return rc;
+  }
+  return stopped_by != 0 ? kExitInterrupted + stopped_by : kExitOk;
 }
 
 }  // namespace
@@ -264,12 +333,12 @@ void AddMountCommand(CLI::App& app, std::vector<Command>& commands) {
   sub->add_option("DEVICE", flags->device, "--nbd: the device, e.g. /dev/nbd0 (default: any free one)");
   sub->add_flag("--reclaim", flags->reclaim,
                 "--nbd: take DEVICE back when a crashed memfabric left it connected");
-  sub->add_option("--chunk", flags->chunk, "Pull/push unit, a power of two from 4K to 2M")
-      ->capture_default_str();
-  sub->add_flag("--no-prefetch", flags->no_prefetch, "Pull only what is touched");
+  sub->add_option("--chunk", flags->chunk,
+                  "--uffd: pull/push unit, a power of two from 4K to 2M (default 64K)");
+  sub->add_flag("--no-prefetch", flags->no_prefetch, "--uffd: pull only what is touched");
   sub->add_flag("--writable", flags->writable, "Take the region's write lease (one writer per region)");
   sub->add_option("--fill", flags->fill, "Write this byte value (e.g. 0x5a) through the mapping, then sync");
-  sub->add_option("--offset", flags->offset, "Where --fill starts (K/M/G)")->capture_default_str();
+  sub->add_option("--offset", flags->offset, "Where --fill starts (K/M/G; default 0)");
   sub->add_option("--length", flags->length, "How much --fill writes (default: to the end)");
   sub->add_flag("--hold", flags->hold, "Stay mapped until SIGINT/SIGTERM, printing progress each second");
   sub->add_option("--sync-interval", flags->sync_interval, "Push dirty chunks this often (e.g. 2s, 500ms)")

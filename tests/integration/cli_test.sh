@@ -239,6 +239,40 @@ expect_in mount-bad-chunk err "power of two"
 run mount-no-view "$MF" mount "$URL/data" "${C[@]}"
 expect_rc mount-no-view 2
 expect_in mount-no-view err "--uffd"
+for bad in zz 0x5aZZ 256 -1; do
+  run mount-bad-fill "$MF" mount --uffd "$URL/data" --writable --fill "$bad" "${C[@]}"
+  expect_rc mount-bad-fill 2
+  expect_in mount-bad-fill err "bad --fill '$bad': a byte value"
+done
+run mount-offset-alone "$MF" mount --uffd "$URL/data" --writable --offset 4K "${C[@]}"
+expect_rc mount-offset-alone 2
+expect_in mount-offset-alone err "add --fill"
+run mount-nbd-chunk "$MF" mount --nbd "$URL/data" --chunk 4K "${C[@]}"
+expect_rc mount-nbd-chunk 2
+expect_in mount-nbd-chunk err "go with --uffd only"
+# SIGINT while hashing a region far too large to finish: it stops within a step and says so.
+run create-big "$MF" create "$URL/big" --size 1G --backing memfd "${C[@]}"
+expect_rc create-big 0
+"$MF" mount --uffd "$URL/big" --chunk 4K --no-prefetch "${C[@]}" >"$WORK/mount-sigint.out" \
+  2>"$WORK/mount-sigint.err" &
+hash_pid=$!
+sleep 1
+kill -INT "$hash_pid"
+for ((i = 0; i < 100; i++)); do
+  kill -0 "$hash_pid" 2>/dev/null || break
+  sleep 0.1
+done
+if kill -0 "$hash_pid" 2>/dev/null; then
+  fail "mount-sigint: still hashing 10 s after SIGINT"
+  kill -KILL "$hash_pid"
+fi
+wait "$hash_pid"
+RC=$?
+expect_rc mount-sigint 130
+expect_in mount-sigint err "SIGINT: stopped hashing after [0-9.]+ [KMG]iB of 1 GiB"
+expect_not_in mount-sigint out "XXH3_64"
+run rm-big "$MF" rm "$URL/big" "${C[@]}"
+expect_rc rm-big 0
 run bench-uffd "$MF" bench "$URL/data" --uffd --chunk 16K --json "${C[@]}"
 expect_rc bench-uffd 0
 expect_in bench-uffd out '"view":"uffd","size":4194304,"chunk":16384'
