@@ -610,9 +610,11 @@ Status Export::Connection::PrepareData(Slot& slot, uint32_t length) {
 uint32_t Export::Connection::Validate(const Request& r, const char** message) const {
   const uint32_t max_block = owner_.options_.max_block_size;
   const bool in_range = r.offset <= size_ && r.length <= size_ - r.offset;
-  uint16_t allowed_flags = kCmdFlagFua;  // valid on every command once SEND_FUA is advertised
+  // FUA is valid on every command where SEND_FUA is advertised (writable exports), NO_HOLE
+  // and FAST_ZERO where SEND_WRITE_ZEROES and SEND_FAST_ZERO are, DF where SEND_DF is.
+  uint16_t allowed_flags = read_only_ ? 0 : kCmdFlagFua;
   if (r.type == kCmdRead && structured_) allowed_flags |= kCmdFlagDf;
-  if (r.type == kCmdWriteZeroes) allowed_flags |= kCmdFlagNoHole | kCmdFlagFastZero;
+  if (r.type == kCmdWriteZeroes && !read_only_) allowed_flags |= kCmdFlagNoHole | kCmdFlagFastZero;
   if (r.type == kCmdBlockStatus) allowed_flags |= kCmdFlagReqOne;
   if ((r.flags & ~allowed_flags) != 0) {
     *message = "command flags not valid for this command";
@@ -1056,8 +1058,11 @@ Status Export::Add(ExportSpec spec) {
   if (spec.name.size() > kMaxStringLength || spec.name.find('\0') != std::string::npos) {
     return InvalidArgument("export names are at most 4096 bytes without NUL");
   }
-  if (options_.max_block_size < kPreferredBlockSize) {
-    return InvalidArgument("max_block_size must be at least the preferred block size (4096)");
+  if (options_.max_block_size < kPreferredBlockSize || options_.max_block_size > kMaxMaxBlockSize) {
+    // Above the cap one READ would need more than one structured chunk (the spec's limit is
+    // 2^32 - 8 bytes a chunk) and a connection a buffer as large.
+    return InvalidArgument("max_block_size must be from the preferred block size (4096) to " +
+                           std::to_string(kMaxMaxBlockSize >> 20) + " MiB");
   }
   MutexLock lock(mu_);
   for (const ExportSpec& e : exports_) {

@@ -40,6 +40,7 @@
 namespace mf::nbd {
 
 inline constexpr uint32_t kDefaultMaxBlockSize = 32u << 20;  // what interoperable clients use
+inline constexpr uint32_t kMaxMaxBlockSize = 1u << 30;       // the most ExportOptions may set
 inline constexpr uint32_t kPreferredBlockSize = 4096;
 inline constexpr size_t kDefaultQueueDepth = 16;
 inline constexpr size_t kDefaultSlotBufferSize = 1u << 20;

@@ -194,6 +194,11 @@ def read_only():
     expect_errno(errno.EPERM, h.pwrite, b"x", 0)
     expect_errno(errno.EPERM, h.trim, 4096, 0)
     expect_errno(errno.EPERM, h.zero, 4096, 0)
+    # FUA and FAST_ZERO are not advertised here: flags a command may not carry (EINVAL).
+    expect_errno(errno.EINVAL, h.pread, 512, 0, nbd.CMD_FLAG_FUA)
+    expect_errno(errno.EINVAL, h.flush, nbd.CMD_FLAG_FUA)
+    expect_errno(errno.EINVAL, h.cache, 4096, 0, nbd.CMD_FLAG_FUA)
+    expect_errno(errno.EINVAL, h.zero, 4096, 0, nbd.CMD_FLAG_FAST_ZERO)
     h.flush()
     h.shutdown()
 

@@ -59,6 +59,12 @@ TEST_F(NbdExportTest, AddRejectsBadSpecs) {
   EXPECT_EQ(export_->Add({"disk", "", remote_.get(), false}).code(), Code::kAlreadyExists);
   EXPECT_EQ(export_->Add({"x", "", nullptr, false}).code(), Code::kInvalidArgument);
   EXPECT_EQ(export_->Add({std::string(5000, 'x'), "", remote_.get(), false}).code(), Code::kInvalidArgument);
+  for (uint32_t max_block : {uint32_t{1024}, kMaxMaxBlockSize + 1, uint32_t{0xffffffff}}) {
+    ExportOptions options;
+    options.max_block_size = max_block;
+    Export e(options);
+    EXPECT_EQ(e.Add({"disk", "", remote_.get(), false}).code(), Code::kInvalidArgument) << max_block;
+  }
 }
 
 TEST_F(NbdExportTest, GreetingAndGoInfo) {
