@@ -322,13 +322,29 @@ class Device::Monitor final {
         return;
       }
       if ((fds[1].revents & POLLIN) != 0) return;
-      if ((fds[0].revents & POLLIN) == 0) continue;
-      // One datagram per call (the socket does not block; EAGAIN also returns 0): back to poll.
-      dead_links_ = 0;
-      if (int rc = nl_recvmsgs(netlink_.sock(), cb_.get()); rc < 0 && rc != -NLE_AGAIN) {
-        spdlog::warn("nbd: {} monitor: {}", device_.path_, nl_geterror(rc));
+      if ((fds[0].revents & POLLIN) != 0) {
+        // One datagram per call (the socket does not block; EAGAIN also returns 0).
+        dead_links_ = 0;
+        if (int rc = nl_recvmsgs(netlink_.sock(), cb_.get()); rc < 0 && rc != -NLE_AGAIN) {
+          spdlog::warn("nbd: {} monitor: {}", device_.path_, nl_geterror(rc));
+        }
+        owed_ += dead_links_;
       }
-      for (; dead_links_ > 0; --dead_links_) device_.ReplaceDeadConnections();
+      // One that cannot be replaced yet (say the Export still serves the dropped one's
+      // requests and has no room) is tried again every tick.
+      while (owed_ > 0) {
+        Status replaced = device_.ReplaceDeadConnection();
+        if (!replaced.ok()) {
+          if (!retrying_) {
+            spdlog::warn("nbd: {}: the kernel dropped a connection; cannot replace it yet ({}); retrying",
+                         device_.path_, replaced.ToString());
+          }
+          retrying_ = true;
+          break;
+        }
+        --owed_;
+        if (owed_ == 0) retrying_ = false;
+      }
     }
   }
 
@@ -337,6 +353,8 @@ class Device::Monitor final {
   UniqueFd wake_;  // an eventfd: written once to stop the thread
   NlCb cb_;
   int dead_links_ = 0;  // monitor thread only
+  int owed_ = 0;        // dropped connections not replaced yet (monitor thread only)
+  bool retrying_ = false;
   std::thread thread_;  // last: uses everything above
 };
 
@@ -510,7 +528,11 @@ Result<std::unique_ptr<Device>> Device::Attach(Export& exporter, std::string_vie
 
 Result<std::unique_ptr<Device>> Device::Attach(fabric::Remote& remote, const DeviceOptions& options,
                                                const ExportOptions& export_options) {
-  auto exporter = std::make_unique<Export>(export_options);
+  // Room for a replacement of every connection while the one it replaces still answers
+  // the requests it had in flight.
+  ExportOptions sized = export_options;
+  sized.max_connections = std::max(sized.max_connections, 2 * options.connections);
+  auto exporter = std::make_unique<Export>(sized);
   MF_RETURN_IF_ERROR(exporter->Add({remote.info().name, "", &remote, false}));
   MF_ASSIGN_OR_RETURN(ExportInfo info, exporter->Info(remote.info().name));
   Export& ref = *exporter;
@@ -725,10 +747,10 @@ Status Device::WaitReady() {
   }
 }
 
-void Device::ReplaceDeadConnections() {
+Status Device::ReplaceDeadConnection() {
   {
     MutexLock lock(mu_);
-    if (!attached_) return;
+    if (!attached_) return Status::Ok();  // detaching: nothing to replace
   }
   Result<UniqueFd> end = NewConnection();
   Status replaced = end.ok() ? Status::Ok() : end.status();
@@ -740,10 +762,8 @@ void Device::ReplaceDeadConnections() {
   if (replaced.ok()) {
     reconnects_.fetch_add(1);
     spdlog::warn("nbd: {}: the kernel dropped a connection; replaced it", path_);
-  } else {
-    spdlog::warn("nbd: {}: the kernel dropped a connection; cannot replace it: {}", path_,
-                 replaced.ToString());
   }
+  return replaced;
 }
 
 namespace {

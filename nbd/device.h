@@ -154,7 +154,8 @@ class Device final {
   Result<UniqueFd> NewConnection();
   Status StartIoctl(uint64_t size, uint16_t flags, std::vector<UniqueFd> kernel_ends);
   Status WaitReady();
-  void ReplaceDeadConnections() MF_EXCLUDES(mu_);
+  // A new connection for one the kernel dropped (Ok when detaching: none is needed).
+  Status ReplaceDeadConnection() MF_EXCLUDES(mu_);
 
   // Declared in the order they are made; the destructor detaches first, so the kernel is
   // done with the Export before it (and an owned one) is destroyed.

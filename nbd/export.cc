@@ -203,6 +203,7 @@ class Export::Connection final : public fabric::IoCallback {
     const fabric::Buffer* io_buffer = nullptr;
     bool uses_large = false;
     bool flush_after = false;                             // FLUSH, or FUA on a write
+    uint64_t fence_ticket = 0;                            // a write admitted by owner_.write_fence_
     std::atomic<uint32_t> pending{0};                     // Remote requests outstanding + 1 while submitting
     std::atomic<uint32_t> error{0};                       // NBD error of the reply; the first one wins
     const char* message = "";                             // static text for a structured error chunk
@@ -247,6 +248,9 @@ class Export::Connection final : public fabric::IoCallback {
   uint32_t AcquireSlot() MF_EXCLUDES(mu_);
   // Points slot.data at `length` bytes: its own buffer or (waiting for it) the large one.
   Status PrepareData(Slot& slot, uint32_t length) MF_EXCLUDES(mu_);
+  // Admits a WRITE or WRITE_ZEROES in the export-wide WriteFence (waiting for an overlapping
+  // write in flight); false once the Export stops.
+  bool AdmitWrite(Slot& s);
   void PushCompleted(uint32_t index) MF_EXCLUDES(mu_);
 
   // For the connection's own threads, which run before Run() closes fd_ under fd_mu_.
@@ -752,6 +756,7 @@ Status Export::Connection::Transmission() {
     s.io_buffer = nullptr;
     s.uses_large = false;
     s.flush_after = false;
+    s.fence_ticket = 0;
     s.pending.store(0, std::memory_order_relaxed);
     s.error.store(0, std::memory_order_relaxed);
     s.message = "";
@@ -794,6 +799,10 @@ Status Export::Connection::Transmission() {
             return payload;
           }
           s.flush_after = fua;
+          if (!AdmitWrite(s)) {
+            FailOrFinish(index, kEshutdown, "the server is shutting down");
+            break;
+          }
         }
         SubmitSplit(index, r.type == kCmdRead ? fabric::IoKind::kRead : fabric::IoKind::kWrite, r.offset,
                     r.length, false);
@@ -823,6 +832,10 @@ Status Export::Connection::Transmission() {
           zero_buffer_ = std::move(zeroes).value();
         }
         s.flush_after = fua;
+        if (!AdmitWrite(s)) {
+          FailOrFinish(index, kEshutdown, "the server is shutting down");
+          break;
+        }
         SubmitSplit(index, fabric::IoKind::kWrite, r.offset, r.length, true);
         break;
       }
@@ -846,9 +859,18 @@ void Export::Connection::OnIoComplete(uint64_t cookie, const Status& status) {
   if (s.pending.fetch_sub(1, std::memory_order_acq_rel) == 1) PushCompleted(static_cast<uint32_t>(cookie));
 }
 
+bool Export::Connection::AdmitWrite(Slot& s) {
+  s.fence_ticket = owner_.write_fence_.Admit(remote_, s.request.offset, s.request.length);
+  return s.fence_ticket != 0;
+}
+
 void Export::Connection::PushCompleted(uint32_t index) {
+  Slot& s = slots_[index];
+  if (s.fence_ticket != 0) {
+    owner_.write_fence_.Leave(s.fence_ticket);  // it is at the Remote (or failed)
+    s.fence_ticket = 0;
+  }
   // Large read replies go to the writer, so that sending one overlaps reading the next.
-  const Slot& s = slots_[index];
   const bool large_reply = s.request.type == kCmdRead && s.data.size() > kMaxInlineReply;
   const bool on_reader = !large_reply && std::this_thread::get_id() == reader_id_;
   {
@@ -1047,7 +1069,8 @@ Status Export::Connection::DiscardInput(uint64_t length, std::span<std::byte> sc
 
 Export::Export(ExportOptions options)
     : options_(std::move(options)),
-      recv_spin_(CanSpin() ? options_.recv_spin : std::chrono::microseconds(0)) {}
+      recv_spin_(CanSpin() ? options_.recv_spin : std::chrono::microseconds(0)),
+      write_fence_(static_cast<size_t>(std::max(options_.max_connections, 1)) * options_.queue_depth) {}
 
 Export::~Export() {
   Stop();
@@ -1246,6 +1269,7 @@ void Export::Stop() {
     stopping_.store(true);
     listeners.swap(listeners_);
   }
+  write_fence_.Shutdown();  // a write waiting for an overlapping one is answered ESHUTDOWN
   for (auto& l : listeners) {
     if (l->thread.joinable()) l->thread.join();
     if (!l->unix_path.empty()) ::unlink(l->unix_path.c_str());

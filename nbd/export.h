@@ -36,6 +36,7 @@
 #include "fabric/remote.h"
 #include "fabric/status.h"
 #include "fabric/thread_annotations.h"
+#include "nbd/write_fence.h"
 
 namespace mf::nbd {
 
@@ -157,6 +158,7 @@ class Export {
   const ExportOptions options_;
   const std::chrono::microseconds recv_spin_;  // options_.recv_spin, or 0 on one CPU
   std::atomic<bool> stopping_{false};
+  WriteFence write_fence_;  // every connection's writes, so that a re-sent one waits for its stale copy
   mutable Mutex mu_;
   std::vector<ExportSpec> exports_ MF_GUARDED_BY(mu_);
   std::list<std::unique_ptr<Listener>> listeners_ MF_GUARDED_BY(mu_);

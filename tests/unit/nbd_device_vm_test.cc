@@ -221,11 +221,18 @@ TEST_F(NbdDeviceVmTest, DeviceLeftByCrashIsDetectedAndReclaimed) {
   RoundTrip(**reclaimed, 21);
 }
 
-TEST_F(NbdDeviceVmTest, ConnectionDroppedOnTimeoutIsReplaced) {
+// Also when the Export has room for no more connections than the device uses: the dropped
+// one still answers its requests in flight, so the Device sizes its Export above that and
+// retries a replacement refused meanwhile.
+class NbdDeviceDropTest : public NbdDeviceVmTest, public ::testing::WithParamInterface<int> {};
+
+TEST_P(NbdDeviceDropTest, ConnectionDroppedOnTimeoutIsReplaced) {
   DeviceOptions options;
   options.connections = 2;
   options.io_timeout = std::chrono::seconds(1);
-  auto attached = Device::Attach(*remote_, options);
+  ExportOptions export_options;
+  if (GetParam() > 0) export_options.max_connections = GetParam();
+  auto attached = Device::Attach(*remote_, options, export_options);
   ASSERT_TRUE(attached.ok()) << attached.status().ToString();
   Device& device = **attached;
   Fill(region_->bytes().first(kIo), 33);
@@ -243,6 +250,12 @@ TEST_F(NbdDeviceVmTest, ConnectionDroppedOnTimeoutIsReplaced) {
   EXPECT_EQ(std::memcmp(region_->data(), buf_.data(), kIo), 0);
   RoundTrip(device, 40);  // the replacement connections work
 }
+
+INSTANTIATE_TEST_SUITE_P(ExportLimit, NbdDeviceDropTest, ::testing::Values(0, 2),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           return info.param == 0 ? std::string("Default")
+                                                  : "Max" + std::to_string(info.param);
+                         });
 
 }  // namespace
 }  // namespace mf::nbd

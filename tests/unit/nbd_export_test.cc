@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 
 #include <chrono>
+#include <cstring>
 #include <memory>
 #include <thread>
 
@@ -483,6 +484,77 @@ TEST_F(NbdExportTest, HandshakeTimeoutIsADeadline) {
 }
 
 // Stop answers the requests in flight (a FUA write's too) before it closes the connection.
+// A Remote over MemoryRemote that holds the first write at `offset` for `delay` on a thread
+// of its own, completing it after writes that came later, as a Remote with several
+// connections or workers can.
+class DelayOneWriteRemote final : public fabric::Remote {
+ public:
+  DelayOneWriteRemote(std::shared_ptr<fabric::MemoryRegion> region, uint64_t offset,
+                      std::chrono::milliseconds delay)
+      : inner_(std::move(region), true), offset_(offset), delay_(delay) {}
+  ~DelayOneWriteRemote() override {
+    if (held_.joinable()) held_.join();
+  }
+  const fabric::RegionInfo& info() const override { return inner_.info(); }
+  bool writable() const override { return true; }
+  std::string_view transport() const override { return "delay-one-write"; }
+  size_t max_transfer() const override { return inner_.max_transfer(); }
+  Result<fabric::Buffer> AllocateBuffer(size_t size) override { return inner_.AllocateBuffer(size); }
+  void Submit(std::span<const fabric::IoRequest> requests) override {
+    for (const fabric::IoRequest& r : requests) {
+      if (r.kind == fabric::IoKind::kWrite && r.offset == offset_ && !held_.joinable()) {
+        held_ = std::thread([this, r] {
+          std::this_thread::sleep_for(delay_);
+          inner_.Submit({&r, 1});
+        });
+        continue;
+      }
+      inner_.Submit({&r, 1});
+    }
+  }
+  Status Flush() override { return inner_.Flush(); }
+  Status Close() override { return inner_.Close(); }
+
+ private:
+  fabric::MemoryRemote inner_;
+  const uint64_t offset_;
+  const std::chrono::milliseconds delay_;
+  std::thread held_;  // Submit runs on one connection's reader at a time for this offset
+};
+
+// The kernel re-sends a request it timed out on another connection, while the first copy
+// may still be in flight at the Remote, and acknowledges the re-sent copy. That first copy
+// must not land after it, nor after a write the program made once it was acknowledged.
+TEST_F(NbdExportTest, WriteResentOnAnotherConnectionNeverLandsAfterIt) {
+  DelayOneWriteRemote slow(region_, 4096, std::chrono::milliseconds(400));
+  Export exporter;
+  NBD_ASSERT_OK(exporter.Add({"disk", "", &slow, false}));
+  auto connect = [&exporter] {
+    int sv[2];
+    EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    EXPECT_TRUE(exporter.ServeConnection(UniqueFd(sv[0])).ok());
+    return RawClient(UniqueFd(sv[1]));
+  };
+  RawClient timed_out = connect();
+  RawClient retry = connect();
+  NBD_ASSERT_OK(timed_out.Negotiate("disk", false));
+  NBD_ASSERT_OK(retry.Negotiate("disk", false));
+  NBD_ASSERT_OK(timed_out.SendRequest({0, kCmdWrite, 1, 4096, 4}, Bytes("AAAA")));  // held at the Remote
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  NBD_ASSERT_OK(retry.SendRequest({0, kCmdWrite, 2, 4096, 4}, Bytes("AAAA")));  // the re-sent copy
+  auto resent = retry.ReadSimpleReply();
+  ASSERT_TRUE(resent.ok()) << resent.status().ToString();
+  EXPECT_EQ(resent->error, 0u);
+  NBD_ASSERT_OK(retry.SendRequest({kCmdFlagFua, kCmdWrite, 3, 4096, 4}, Bytes("BBBB")));
+  auto newer = retry.ReadSimpleReply();
+  ASSERT_TRUE(newer.ok()) << newer.status().ToString();
+  EXPECT_EQ(newer->error, 0u);
+  auto stale = timed_out.ReadSimpleReply();
+  ASSERT_TRUE(stale.ok()) << stale.status().ToString();
+  EXPECT_EQ(std::memcmp(region_->data() + 4096, "BBBB", 4), 0);
+  exporter.Stop();
+}
+
 TEST_F(NbdExportTest, StopAnswersRequestsInFlight) {
   RawClient c = Connect();
   NBD_ASSERT_OK(c.Negotiate("disk", false));
