@@ -65,6 +65,21 @@ bool ProcessAlive(pid_t pid) {
   return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM);
 }
 
+// When process `pid` started, in clock ticks after boot (/proc/PID/stat field 22), or
+// nullopt when it is gone. With the pid it names one process, even after the pid is reused.
+std::optional<uint64_t> ProcessStartTime(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t comm_end = stat.rfind(')');  // the name may hold spaces and parentheses
+  if (comm_end == std::string::npos) return std::nullopt;
+  std::istringstream fields(stat.substr(comm_end + 1));
+  std::string field;
+  for (int i = 3; i <= 22 && (fields >> field); ++i) {
+    if (i == 22) return ParseNumber<uint64_t>(field);
+  }
+  return std::nullopt;
+}
+
 Status SysError(std::string_view what) {
   return Status::FromErrno(errno, what);
 }
@@ -386,6 +401,21 @@ std::string DeviceStatus::Describe() const {
 
 // ---- Device: queries ------------------------------------------------------------------------------
 
+BackendOwner OwnerOfBackend(std::string_view backend) {
+  BackendOwner owner;
+  if (backend.rfind(kBackendPrefix, 0) != 0) return owner;
+  std::string_view rest = backend.substr(sizeof(kBackendPrefix) - 1);
+  owner.pid = ParseNumber<pid_t>(rest.substr(0, rest.find(' '))).value_or(0);
+  owner.alive = ProcessAlive(owner.pid);
+  constexpr std::string_view kStart = " start=";
+  if (const size_t at = rest.find(kStart); owner.alive && at != std::string_view::npos) {
+    std::string_view value = rest.substr(at + kStart.size());
+    const std::optional<uint64_t> recorded = ParseNumber<uint64_t>(value.substr(0, value.find(' ')));
+    owner.alive = recorded && *recorded != 0 && ProcessStartTime(owner.pid) == recorded;
+  }
+  return owner;
+}
+
 Status Device::EnsureModule() {
   struct stat st {};
   if (::stat(kModuleDir, &st) == 0) return Status::Ok();
@@ -409,13 +439,14 @@ DeviceStatus ReadStatus(int index, bool connected) {
   if (auto backend = ReadSysfs(SysBlock(index) + "/backend")) s.backend = *backend;
   if (s.backend.rfind(kBackendPrefix, 0) == 0) {
     s.memfabric = true;
-    std::string_view rest = std::string_view(s.backend).substr(sizeof(kBackendPrefix) - 1);
-    s.owner = ParseNumber<pid_t>(rest.substr(0, rest.find(' '))).value_or(0);
+    const BackendOwner owner = OwnerOfBackend(s.backend);
+    s.owner = owner.pid;
+    s.owner_alive = owner.alive;
   }
   if (s.owner == 0) {
     if (auto pid = ReadSysfs(SysBlock(index) + "/pid")) s.owner = ParseNumber<pid_t>(*pid).value_or(0);
+    s.owner_alive = ProcessAlive(s.owner);
   }
-  s.owner_alive = ProcessAlive(s.owner);
   return s;
 }
 
@@ -620,7 +651,9 @@ Status Device::Start(uint64_t size, uint16_t flags) {
     c.server_flags = flags;
     c.io_timeout_s = static_cast<uint64_t>(o.io_timeout.count());
     c.dead_timeout_s = static_cast<uint64_t>(o.dead_connection_timeout.count());
-    backend_ = kBackendPrefix + std::to_string(::getpid()) + " export=" + export_name_;
+    backend_ = kBackendPrefix + std::to_string(::getpid()) +
+               " start=" + std::to_string(ProcessStartTime(::getpid()).value_or(0)) +
+               " export=" + export_name_;
     c.backend = backend_;
     for (const UniqueFd& fd : kernel_ends) c.fds.push_back(fd.get());
     Result<int> index = netlink->Connect(c);
@@ -660,15 +693,17 @@ namespace {
 
 // Configures /dev/nbdX (open as fd) with the legacy ioctls. The first NBD_SET_SOCK claims
 // the device for the calling thread (EBUSY when another task did); NBD_DO_IT must follow
-// on the same thread.
+// on the same thread. *claimed says whether it did: only then is a failed configuration
+// ours to clear (NBD_CLEAR_SOCK on a device another task is setting up shuts its sockets).
 Status ConfigureIoctl(int fd, const std::string& path, uint64_t size, uint16_t flags, unsigned long timeout_s,
-                      const std::vector<UniqueFd>& kernel_ends) {
+                      const std::vector<UniqueFd>& kernel_ends, bool* claimed) {
   auto set = [&](unsigned long request, unsigned long value, const char* name) -> Status {
     if (::ioctl(fd, request, value) == 0) return Status::Ok();
     return SysError(std::string(name) + " " + path);
   };
   for (const UniqueFd& end : kernel_ends) {
     MF_RETURN_IF_ERROR(set(NBD_SET_SOCK, static_cast<unsigned long>(end.get()), "NBD_SET_SOCK"));
+    *claimed = true;
   }
   MF_RETURN_IF_ERROR(set(NBD_SET_BLKSIZE, kDeviceBlockSize, "NBD_SET_BLKSIZE"));
   MF_RETURN_IF_ERROR(set(NBD_SET_SIZE, size, "NBD_SET_SIZE"));
@@ -705,9 +740,10 @@ Status Device::StartIoctl(uint64_t size, uint16_t flags, std::vector<UniqueFd> k
     const int dev = fd.get();
     std::thread thread(
         [dev, path, size, flags, timeout_s, &kernel_ends, configured = std::move(configured)]() mutable {
-          Status s = ConfigureIoctl(dev, path, size, flags, timeout_s, kernel_ends);
+          bool claimed = false;
+          Status s = ConfigureIoctl(dev, path, size, flags, timeout_s, kernel_ends, &claimed);
           const bool ok = s.ok();
-          if (!ok) (void)::ioctl(dev, NBD_CLEAR_SOCK);
+          if (!ok && claimed) (void)::ioctl(dev, NBD_CLEAR_SOCK);
           configured.set_value(std::move(s));
           if (!ok) return;
           if (::ioctl(dev, NBD_DO_IT) != 0 && errno != EINTR) {

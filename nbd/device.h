@@ -92,6 +92,16 @@ struct DeviceStatus {
   std::string Describe() const;
 };
 
+// Who attached a device, from its backend identifier ("memfabric pid=N start=T export=X"):
+// the pid, and whether that same process still runs (its start time must match, so a pid
+// reused since is not taken for the owner; an identifier without start= trusts the pid).
+// {0, false} for an identifier memfabric did not write.
+struct BackendOwner {
+  pid_t pid = 0;
+  bool alive = false;
+};
+BackendOwner OwnerOfBackend(std::string_view backend);
+
 class Device final {
  public:
   // Attaches export `export_name` of `exporter` ("" = its default export) to a kernel NBD

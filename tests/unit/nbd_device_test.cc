@@ -6,8 +6,11 @@
 #include <gtest/gtest.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <fstream>
 #include <memory>
+#include <sstream>
 
 #include "fabric/memory_remote.h"
 #include "nbd/device.h"
@@ -122,6 +125,28 @@ TEST(NbdDeviceStatusTest, DescribesFreeInUseAndStale) {
   EXPECT_NE(s.Describe().find("left behind by memfabric process 42"), std::string::npos) << s.Describe();
   s.memfabric = false;  // e.g. nbd-client, which exits once the device is connected
   EXPECT_FALSE(s.stale());
+}
+
+// The owner named in a backend identifier counts as alive only while its pid runs the same
+// process: one that died and whose pid was reused leaves a stale device.
+TEST(NbdDeviceStatusTest, OwnerIsThePidAndItsStartTime) {
+  std::ifstream in("/proc/self/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::istringstream fields(stat.substr(stat.rfind(')') + 1));
+  std::string start;
+  for (int i = 3; i <= 22; ++i) fields >> start;
+  const std::string me = "memfabric pid=" + std::to_string(::getpid());
+  BackendOwner o = OwnerOfBackend(me + " start=" + start + " export=swap");
+  EXPECT_EQ(o.pid, ::getpid());
+  EXPECT_TRUE(o.alive);
+  o = OwnerOfBackend(me + " start=" + std::to_string(std::stoull(start) + 1) + " export=swap");
+  EXPECT_EQ(o.pid, ::getpid());
+  EXPECT_FALSE(o.alive) << "a reused pid is not the owner";
+  EXPECT_TRUE(OwnerOfBackend(me + " export=swap").alive);  // written before start= existed
+  EXPECT_FALSE(OwnerOfBackend("memfabric pid=999999999 start=1 export=x").alive);
+  o = OwnerOfBackend("nbd-client something");
+  EXPECT_EQ(o.pid, 0);
+  EXPECT_FALSE(o.alive);
 }
 
 TEST(NbdDeviceTest, AttachWithoutDriverSaysWhatIsMissing) {
