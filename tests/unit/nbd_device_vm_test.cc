@@ -89,7 +89,10 @@ TEST_F(NbdDeviceVmTest, NetlinkAttachRoundTripMmapDetach) {
   const std::string sys = "/sys/block/nbd" + std::to_string(index);
   EXPECT_EQ(SysfsLine(sys + "/size"), std::to_string(kSize / 512));
   EXPECT_EQ(SysfsLine(sys + "/queue/logical_block_size"), "4096");
-  EXPECT_EQ(SysfsLine(sys + "/backend"), "memfabric pid=" + std::to_string(::getpid()) + " export=disk");
+  const std::string backend = SysfsLine(sys + "/backend");
+  EXPECT_TRUE(backend.starts_with("memfabric pid=" + std::to_string(::getpid()) + " start=")) << backend;
+  EXPECT_TRUE(backend.ends_with(" export=disk")) << backend;
+  EXPECT_TRUE(OwnerOfBackend(backend).alive) << backend;
 
   auto status = Device::Query(index);
   ASSERT_TRUE(status.ok()) << status.status().ToString();
