@@ -47,6 +47,8 @@ constexpr char kMountFooter[] = R"(Examples:
   memfabric mount --uffd tcp://10.0.0.5:7411/cache --writable --hold --sync-interval 2s \
       --cache --cache-file /var/tmp/cache.img
   memfabric mount --nbd tcp://10.0.0.5:7411/disk --writable --cache --push-interval 5s
+Ctrl-C or SIGTERM stops a checksum or a fill within a 64 MiB step (exit 130 or 143; a
+fill first pushes what it wrote) and ends --hold (exit 0, after a final sync).
 The mapping lives in this process: a program that wants the memory itself links the
 library (uffd::Mapping); any program can use the --nbd block device.)";
 
