@@ -71,18 +71,24 @@ start_server() {
   URL="tcp://127.0.0.1:$(cat "$WORK/port")"
   pass "serve listening on $URL"
 }
-stop_server() {
-  kill -TERM "$SERVE_PID"
+# signal_and_wait PID SIGNAL NAME: sends SIGNAL, gives PID 10 s to exit (then SIGKILL and a
+# failure for NAME); sets RC to its exit status.
+signal_and_wait() {
+  kill "-$2" "$1"
   for ((i = 0; i < SERVER_WAIT_TRIES; i++)); do
-    kill -0 "$SERVE_PID" 2>/dev/null || break
+    kill -0 "$1" 2>/dev/null || break
     sleep 0.1
   done
-  if kill -0 "$SERVE_PID" 2>/dev/null; then
-    fail "serve: still running 10 s after SIGTERM"
-    kill -KILL "$SERVE_PID"
+  if kill -0 "$1" 2>/dev/null; then
+    fail "$3: still running 10 s after SIG$2"
+    kill -KILL "$1"
   fi
-  local rc=0
-  wait "$SERVE_PID" || rc=$?
+  RC=0
+  wait "$1" || RC=$?
+}
+stop_server() {
+  signal_and_wait "$SERVE_PID" TERM serve
+  local rc=$RC
   SERVE_PID=""
   if ((rc == 0)); then pass "serve: exit 0 on SIGTERM"; else fail "serve: exit $rc on SIGTERM"; fi
 }
@@ -257,17 +263,7 @@ expect_rc create-big 0
   2>"$WORK/mount-sigint.err" &
 hash_pid=$!
 sleep 1
-kill -INT "$hash_pid"
-for ((i = 0; i < 100; i++)); do
-  kill -0 "$hash_pid" 2>/dev/null || break
-  sleep 0.1
-done
-if kill -0 "$hash_pid" 2>/dev/null; then
-  fail "mount-sigint: still hashing 10 s after SIGINT"
-  kill -KILL "$hash_pid"
-fi
-wait "$hash_pid"
-RC=$?
+signal_and_wait "$hash_pid" INT mount-sigint
 expect_rc mount-sigint 130
 expect_in mount-sigint err "SIGINT: stopped hashing after [0-9.]+ [KMG]iB of 1 GiB"
 expect_not_in mount-sigint out "XXH3_64"
