@@ -199,6 +199,25 @@ sigset_t BlockStopSignals() {
   return set;
 }
 
+int TakeSignal(const sigset_t& set, std::chrono::milliseconds timeout) {
+  if (timeout < std::chrono::milliseconds(0)) {
+    int received = 0;
+    while (sigwait(&set, &received) != 0) {
+    }
+    return received;
+  }
+  const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(timeout);
+  const timespec wait{static_cast<time_t>(seconds.count()),
+                      static_cast<long>(std::chrono::nanoseconds(timeout - seconds).count())};
+  const int received = sigtimedwait(&set, nullptr, &wait);  // -1: EAGAIN (none came) or EINTR
+  return received > 0 ? received : 0;
+}
+
+std::string SignalName(int sig) {
+  const char* abbreviation = sigabbrev_np(sig);
+  return abbreviation != nullptr ? "SIG" + std::string(abbreviation) : "signal " + std::to_string(sig);
+}
+
 Result<uint64_t> ParseByteCount(std::string_view what, std::string_view text) {
   Result<uint64_t> value = fabric::ParseSize(text);
   if (!value.ok()) {

@@ -93,6 +93,14 @@ int RunUffdScan(std::string_view command, const TargetFlags& target, const std::
 // Blocks SIGINT and SIGTERM in this thread and in every thread started after it (call it
 // before starting any), so that only a sigwait on the returned set receives them.
 sigset_t BlockStopSignals();
+// Timeouts of TakeSignal: until a signal of the set comes; only a signal already pending.
+inline constexpr std::chrono::milliseconds kWaitForever{-1};
+inline constexpr std::chrono::milliseconds kNoWait{0};
+// Takes the next signal of `set` (blocked in every thread), waiting at most `timeout`; 0
+// when none came.
+int TakeSignal(const sigset_t& set, std::chrono::milliseconds timeout);
+// "SIGINT", "SIGTERM", ...: how messages name a signal TakeSignal returned.
+std::string SignalName(int sig);
 
 // Parses a byte count such as "4096", "64K", "1G" for the option named `what`.
 Result<uint64_t> ParseByteCount(std::string_view what, std::string_view text);

@@ -243,14 +243,6 @@ double Percent(uint64_t part, uint64_t whole) {
   return whole == 0 ? 0.0 : 100.0 * static_cast<double>(part) / static_cast<double>(whole);
 }
 
-// The next pending signal of `set`, waiting at most `timeout`; 0 when none came.
-int NextSignal(const sigset_t& set, milliseconds timeout) {
-  timespec ts{static_cast<time_t>(timeout.count() / 1000),
-              static_cast<long>((timeout.count() % 1000) * 1000000)};
-  const int got = sigtimedwait(&set, nullptr, &ts);
-  return got > 0 ? got : 0;
-}
-
 // The channel's secret: --channel-secret-file, else the server's (--secret-file,
 // $MEMFABRIC_SECRET); none with --insecure and no --channel-secret-file, which the
 // channel's own address must then be loopback for.
@@ -305,9 +297,8 @@ std::string Address(const std::string& host, uint16_t port) {
 Result<UniqueFd> AcceptSource(int listen_fd, const std::optional<fabric::Secret>& secret,
                               const sigset_t& stop, std::string* peer) {
   for (;;) {
-    if (const int sig = NextSignal(stop, milliseconds(0)); sig != 0) {
-      return Status(Code::kAborted,
-                    std::string(sig == SIGINT ? "SIGINT" : "SIGTERM") + " before a source connected");
+    if (const int sig = TakeSignal(stop, kNoWait); sig != 0) {
+      return Status(Code::kAborted, SignalName(sig) + " before a source connected");
     }
     pollfd p{listen_fd, POLLIN, 0};
     if (::poll(&p, 1, static_cast<int>(kTick.count())) <= 0) continue;
@@ -407,9 +398,9 @@ int RunRecv(const RecvFlags& flags) {
   auto next_progress = Clock::now() + kProgressEvery;
   bool interrupted = false;
   while (!finished.load()) {
-    if (const int sig = NextSignal(stop, kTick); sig != 0) {
+    if (const int sig = TakeSignal(stop, kTick); sig != 0) {
       std::fprintf(stderr, "%s: aborting the migration; the source keeps the region\n",
-                   sig == SIGINT ? "SIGINT" : "SIGTERM");
+                   SignalName(sig).c_str());
       ::shutdown(watch.get(), SHUT_RDWR);
       interrupted = true;
     }
@@ -456,8 +447,8 @@ int RunRecv(const RecvFlags& flags) {
                    "serving '%s' read-write at %s; SIGINT/SIGTERM stops, syncs and releases the lease\n",
                    info.name.c_str(), where.c_str());
       int sig = 0;
-      while (sig != SIGINT && sig != SIGTERM) sig = NextSignal(stop, kProgressEvery);
-      std::fprintf(stderr, "%s: stopping the NBD export\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+      while (sig != SIGINT && sig != SIGTERM) sig = TakeSignal(stop, kProgressEvery);
+      std::fprintf(stderr, "%s: stopping the NBD export\n", SignalName(sig).c_str());
     }
     exported.Shut();
     exporter.Stop();
@@ -628,10 +619,10 @@ int RunSend(const SendFlags& flags) {
   Status cancelled;  // set when the migration ends before any finalize
   auto next_progress = Clock::now() + kProgressEvery;
   while (!finished.load()) {
-    const int sig = NextSignal(stop, kTick);
+    const int sig = TakeSignal(stop, kTick);
     const bool finalizing = finalizer.joinable();
     if (sig == SIGINT || sig == SIGTERM) {
-      const std::string name = sig == SIGINT ? "SIGINT" : "SIGTERM";
+      const std::string name = SignalName(sig);
       if (!finalizing) {
         cancelled = Status(Code::kAborted, name + " before the finalize");
         break;

@@ -76,10 +76,8 @@ std::string CacheProgress::Line() {
 
 int WaitForStopShowingProgress(const sigset_t& stop, const fabric::MountRemote& cache) {
   CacheProgress progress(cache.mount());
-  const timespec tick{std::chrono::duration_cast<std::chrono::seconds>(kProgressInterval).count(), 0};
   for (;;) {
-    const int sig = sigtimedwait(&stop, nullptr, &tick);
-    if (sig == SIGINT || sig == SIGTERM) return sig;
+    if (const int sig = TakeSignal(stop, kProgressInterval); sig != 0) return sig;
     std::fprintf(stderr, "%s\n", progress.Line().c_str());
   }
 }

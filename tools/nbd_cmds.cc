@@ -89,13 +89,6 @@ Result<int> ParseDevice(std::string_view text) {
   return index;
 }
 
-int WaitForStopSignal(const sigset_t& set) {
-  int received = 0;
-  while (sigwait(&set, &received) != 0) {
-  }
-  return received;
-}
-
 // A region opened for an NBD view.
 struct Opened {
   fabric::Url url;
@@ -106,7 +99,7 @@ struct Opened {
 
 // Exits on SIGINT/SIGTERM: detach, stop or close (with the cache's final sync) come after.
 int WaitForStop(const sigset_t& stop, const Opened& opened) {
-  return opened.cache ? WaitForStopShowingProgress(stop, *opened.cache) : WaitForStopSignal(stop);
+  return opened.cache ? WaitForStopShowingProgress(stop, *opened.cache) : TakeSignal(stop, kWaitForever);
 }
 
 int CloseRegion(std::string_view command, const Opened& opened) {
@@ -219,7 +212,7 @@ int RunNbdServe(const NbdServeFlags& flags) {
   spdlog::info("serving '{}' ({}, {}) at {}", name, fabric::FormatSize(opened.remote->size()),
                opened.remote->writable() ? "read-write" : "read-only", where);
   const int received = WaitForStop(stop, opened);
-  spdlog::info("{}: stopping", received == SIGINT ? "SIGINT" : "SIGTERM");
+  spdlog::info("{}: stopping", SignalName(received));
   exporter.Stop();
   const nbd::ExportStats s = exporter.stats();
   spdlog::info("served {} connections, {} requests ({} failed)", s.connections_accepted, s.requests,
@@ -293,9 +286,9 @@ int RunSwap(const SwapFlags& flags) {
   std::fprintf(stderr, "swapping on %s (priority %s)\n", path.c_str(),
                flags.priority >= 0 ? std::to_string(flags.priority).c_str() : "default");
   for (;;) {
-    const int received = WaitForStopSignal(stop);
+    const int received = TakeSignal(stop, kWaitForever);
     std::fprintf(stderr, "%s: swapoff %s (pages swapped out come back into memory first)\n",
-                 received == SIGINT ? "SIGINT" : "SIGTERM", path.c_str());
+                 SignalName(received).c_str(), path.c_str());
     // EINVAL: no longer a swap area (someone ran swapoff already).
     if (::swapoff(path.c_str()) != 0 && errno != EINVAL) {
       // Detaching now would lose the pages still on it: keep serving them.
@@ -329,8 +322,7 @@ int RunNbdMount(const NbdAttachFlags& flags) {
   for (;;) {
     const int received = WaitForStop(stop, opened);
     if (!ReadyToDetach(kMountCmd, *device)) continue;
-    std::fprintf(stderr, "%s: detaching %s\n", received == SIGINT ? "SIGINT" : "SIGTERM",
-                 device->path().c_str());
+    std::fprintf(stderr, "%s: detaching %s\n", SignalName(received).c_str(), device->path().c_str());
     break;
   }
   if (Status detached = device->Detach(); !detached.ok()) {

@@ -63,13 +63,6 @@ bool IsLoopback(const std::string& host) {
   return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
 }
 
-int WaitForStopSignal(const sigset_t& set) {
-  int received = 0;
-  while (sigwait(&set, &received) != 0) {
-  }
-  return received;
-}
-
 std::string DescribeRegion(const fabric::RegionSpec& spec) {
   std::string text = spec.name + ": " + fabric::FormatSize(spec.size) + ", backing " +
                      std::string(fabric::BackingName(spec.backing));
@@ -211,8 +204,8 @@ int RunServe(const ServeFlags& flags) {
     }
   }
 
-  const int received = WaitForStopSignal(stop_signals);
-  spdlog::info("{}: stopping", received == SIGINT ? "SIGINT" : "SIGTERM");
+  const int received = TakeSignal(stop_signals, kWaitForever);
+  spdlog::info("{}: stopping", SignalName(received));
   transport->Stop();
   transport.reset();
   if (rdma_server) rdma_server->Stop();

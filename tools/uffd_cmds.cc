@@ -92,17 +92,6 @@ Result<uint8_t> ParseFillByte(std::string_view text) {
   return static_cast<uint8_t>(value);
 }
 
-// SIGINT or SIGTERM pending (they are blocked, and taken here): that signal, else 0.
-int PendingStopSignal(const sigset_t& stop) {
-  const timespec now{0, 0};
-  const int sig = sigtimedwait(&stop, nullptr, &now);
-  return sig == SIGINT || sig == SIGTERM ? sig : 0;
-}
-
-const char* SignalName(int sig) {
-  return sig == SIGINT ? "SIGINT" : "SIGTERM";
-}
-
 struct Opened {
   std::unique_ptr<fabric::Client> client;
   std::unique_ptr<fabric::Remote> remote;  // with --cache, the MountRemote over the region
@@ -204,14 +193,14 @@ int RunMount(const MountFlags& flags) {
     Status range = fabric::CheckRange(fill_offset, length, m.size());
     if (!range.ok()) return Report(kMountCmd, range);
     uint64_t done = 0;
-    while (done < length && (stopped_by = PendingStopSignal(stop)) == 0) {
+    while (done < length && (stopped_by = TakeSignal(stop, kNoWait)) == 0) {
       const uint64_t step = std::min<uint64_t>(kStep, length - done);
       std::memset(m.data() + fill_offset + done, fill_value, step);
       done += step;
     }
     if (stopped_by != 0) {
       std::fprintf(stderr, "%s: stopped filling after %s of %s; pushing what was written\n",
-                   SignalName(stopped_by), fabric::FormatSize(done).c_str(),
+                   SignalName(stopped_by).c_str(), fabric::FormatSize(done).c_str(),
                    fabric::FormatSize(length).c_str());
     } else {
       Status synced = m.Sync();
@@ -224,7 +213,7 @@ int RunMount(const MountFlags& flags) {
     XXH3_64bits_reset(state);
     const auto start = std::chrono::steady_clock::now();
     size_t at = 0;
-    for (size_t steps = 1; at < m.size() && (stopped_by = PendingStopSignal(stop)) == 0; ++steps) {
+    for (size_t steps = 1; at < m.size() && (stopped_by = TakeSignal(stop, kNoWait)) == 0; ++steps) {
       const size_t step = std::min(kStep, m.size() - at);
       XXH3_64bits_update(state, m.data() + at, step);
       at += step;
@@ -238,8 +227,9 @@ int RunMount(const MountFlags& flags) {
     if (isatty(STDERR_FILENO)) std::fputc('\n', stderr);
     const auto s = m.stats();
     if (stopped_by != 0) {
-      std::fprintf(stderr, "%s: stopped hashing after %s of %s (no checksum)\n", SignalName(stopped_by),
-                   fabric::FormatSize(at).c_str(), fabric::FormatSize(m.size()).c_str());
+      std::fprintf(stderr, "%s: stopped hashing after %s of %s (no checksum)\n",
+                   SignalName(stopped_by).c_str(), fabric::FormatSize(at).c_str(),
+                   fabric::FormatSize(m.size()).c_str());
     } else {
       std::printf("XXH3_64 %016llx  %s (%s in %.2f s, %.0f MB/s; %llu faults, %llu chunks prefetched)\n",
                   static_cast<unsigned long long>(hash), o.remote->info().name.c_str(),
@@ -254,10 +244,7 @@ int RunMount(const MountFlags& flags) {
                  flags.writable ? " after a final sync" : "");
     std::optional<CacheProgress> cache_progress;
     if (o.cache) cache_progress.emplace(o.cache->mount());
-    timespec tick{std::chrono::duration_cast<std::chrono::seconds>(kHoldInterval).count(), 0};
-    for (;;) {
-      int sig = sigtimedwait(&stop, nullptr, &tick);
-      if (sig == SIGINT || sig == SIGTERM) break;
+    while (TakeSignal(stop, kHoldInterval) == 0) {
       std::fprintf(stderr, "%s\n", Progress(m.stats()).c_str());
       if (cache_progress) std::fprintf(stderr, "%s\n", cache_progress->Line().c_str());
     }

@@ -629,6 +629,7 @@ kill -TERM "$MIG_RECV_PID"
 wait_exit mig-wrong-recv "$MIG_RECV_PID"
 MIG_RECV_PID=""
 expect_rc mig-wrong-recv 1
+expect_in mig-wrong-recv err "SIGTERM before a source connected"
 expect_in mig-wrong-recv err "nothing was migrated"
 expect_region mig-wrong "$WORK/mig-expected"
 
