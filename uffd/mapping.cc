@@ -861,13 +861,11 @@ Status Mapping::Sync() {
       const auto start = reinterpret_cast<uint64_t>(addr);
       if (Status s = ProtectForPush(chunk, {{start, start + len}}); !s.ok()) {
         // ENOENT: unmapped while Sync waited for the slot.
-        if (!UnmappedMeanwhile(chunk)) {
-          push_slots_[slot].transfer.Expect(1);
-          OnPushDone(slot, s);
-          continue;
+        if (UnmappedMeanwhile(chunk)) {
+          PushCutChunkInstead(slot, chunk);
+        } else {
+          FailPush(slot, s);
         }
-        ReleasePushSlot(slot);
-        PushCutChunkForSync(chunk);
         continue;
       }
     } else {
@@ -909,13 +907,11 @@ void Mapping::CopyAndPush(std::vector<PendingCopy>& copies) {
   for (size_t i = 0; i < copies.size(); ++i) {
     const auto [chunk, slot] = copies[i];
     if (cut_chunks_[chunk].load(std::memory_order_acquire)) {
-      ReleasePushSlot(slot);
-      PushCutChunkForSync(chunk);
+      PushCutChunkInstead(slot, chunk);
     } else if (!copied[i].ok()) {
       // Pages dropped under the copy that could not be pulled back (the server is gone).
       // The chunk stays dirty; the next Sync pulls it first.
-      push_slots_[slot].transfer.Expect(1);
-      OnPushDone(slot, copied[i].WithContext("chunk " + std::to_string(chunk)));
+      FailPush(slot, copied[i].WithContext("chunk " + std::to_string(chunk)));
     } else {
       StartPush(chunk, slot);
     }
@@ -934,10 +930,18 @@ bool Mapping::UnmappedMeanwhile(uint64_t chunk) {
   return cut_chunks_[chunk].load(std::memory_order_acquire);
 }
 
-void Mapping::ReleasePushSlot(size_t slot) {
-  MutexLock lock(push_mu_);
-  free_push_slots_.push_back(slot);
-  push_cv_.notify_all();
+void Mapping::PushCutChunkInstead(size_t slot, uint64_t chunk) {
+  {
+    MutexLock lock(push_mu_);
+    free_push_slots_.push_back(slot);
+    push_cv_.notify_all();
+  }
+  PushCutChunkForSync(chunk);
+}
+
+void Mapping::FailPush(size_t slot, const Status& why) {
+  push_slots_[slot].transfer.Expect(1);
+  OnPushDone(slot, why);
 }
 
 void Mapping::PushCutChunkForSync(uint64_t chunk) {

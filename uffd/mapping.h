@@ -217,7 +217,11 @@ class Mapping {
   void WaitForReadEvents() MF_EXCLUDES(events_mu_);
   // Whether `chunk` was unmapped, whole or in part, by a munmap or mmap that has returned.
   bool UnmappedMeanwhile(uint64_t chunk) MF_EXCLUDES(events_mu_);
-  void ReleasePushSlot(size_t slot) MF_EXCLUDES(push_mu_);
+  // A chunk found unmapped (whole or in part) after it took push slot `slot`: gives the
+  // slot back and pushes the chunk's pages still mapped on their own.
+  void PushCutChunkInstead(size_t slot, uint64_t chunk) MF_EXCLUDES(mu_, push_mu_);
+  // Ends the push in `slot` before it started: Sync returns `why`, the chunk stays dirty.
+  void FailPush(size_t slot, const Status& why) MF_EXCLUDES(push_mu_);
   // PushCutChunk for Sync: its error becomes Sync's.
   void PushCutChunkForSync(uint64_t chunk) MF_EXCLUDES(mu_, push_mu_);
   // Submits the transfer of the slot's chunks from/to `staged` in requests of s.piece bytes.
