@@ -970,6 +970,7 @@ Status Mapping::ProtectForPush(uint64_t chunk, const std::vector<std::pair<uint6
     // Not under the stripe lock: the fault thread, which reads the pending event, may
     // need it.
     if (s.err() != EAGAIN || attempt == kMaxProtectRetries) return s;
+    counters_.protect_retries.fetch_add(1, std::memory_order_relaxed);
     std::this_thread::sleep_for(kProtectRetryDelay);
   }
 }
@@ -1155,6 +1156,7 @@ MappingStats Mapping::stats() const {
   s.pushes = counters_.pushes.load();
   s.bytes_pushed = counters_.bytes_pushed.load();
   s.failed_pulls = counters_.failed_pulls.load();
+  s.protect_retries = counters_.protect_retries.load();
   s.chunks = chunks_.size();
   s.local_chunks = chunks_.local_count();
   s.dirty_chunks = chunks_.dirty_count();

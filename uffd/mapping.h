@@ -118,6 +118,8 @@ struct MappingStats {
   uint64_t pushes = 0;  // chunks pushed
   uint64_t bytes_pushed = 0;
   uint64_t failed_pulls = 0;
+  // Sync's write-protects the kernel refused (EAGAIN) while an event waited unread, retried.
+  uint64_t protect_retries = 0;
   uint64_t chunks = 0;
   uint64_t local_chunks = 0;
   uint64_t dirty_chunks = 0;
@@ -328,7 +330,7 @@ class Mapping {
 
   struct Counters {
     std::atomic<uint64_t> faults{0}, wp_faults{0}, pulls{0}, prefetches{0}, bytes_pulled{0}, pushes{0},
-        bytes_pushed{0}, failed_pulls{0};
+        bytes_pushed{0}, failed_pulls{0}, protect_retries{0};
   } counters_;
 
   // Threads last: started after everything above exists, joined by Close().

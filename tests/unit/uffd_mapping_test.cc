@@ -687,6 +687,47 @@ TEST(MappingDeathTest, InstallRefusedWithEagainOnTheFaultThreadIsRetried) {
       ::testing::ExitedWithCode(0), "");
 }
 
+// Sync tracking: Sync's write-protect of a dirty chunk is refused with EAGAIN while an
+// event (here a MADV_DONTNEED elsewhere) waits unread, because the fault thread is busy
+// with a pull. Sync retries until the fault thread reads the event, then pushes the chunk.
+TEST(Mapping, SyncRetriesAWriteProtectRefusedWhileAnEventWaitsUnread) {
+  if (!CanSpin()) GTEST_SKIP() << "the fault thread polls the transport only with several CPUs";
+  constexpr size_t kChunk = 64u << 10;
+  auto region = std::make_shared<MemoryRegion>("wp-eagain", 1u << 20);
+  FillPattern(region->bytes(), 17);
+  FaultyRemote remote(region, true);
+  remote.hold_reads_for_poll = true;
+  MappingOptions o;
+  o.chunk_size = kChunk;
+  o.prefetch = false;
+  o.tracking = WriteTracking::kSync;
+  auto m = Mapping::Create(remote, o);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  std::byte* p = (*m)->data();
+  std::memset(p + 100, 0xab, 1000);  // chunk 0: pulled, then dirty
+  ASSERT_EQ((*m)->stats().dirty_chunks, 1u);
+
+  std::thread remover;
+  std::thread syncer;
+  Status synced = Internal("Sync did not run");
+  remote.before_first_completion = [&] {  // on the fault thread, pulling chunk 1
+    remover = std::thread([p] { (void)::madvise(p + 8 * kChunk, kChunk, MADV_DONTNEED); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // its event is queued, unread
+    syncer = std::thread([&] { synced = (*m)->Sync(); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // Sync meets EAGAIN meanwhile
+  };
+  EXPECT_EQ(std::memcmp(p + kChunk, region->data() + kChunk, kChunk), 0);  // pulls chunk 1
+  if (remover.joinable()) remover.join();
+  ASSERT_TRUE(syncer.joinable()) << "the pull of chunk 1 never ran the hook";
+  syncer.join();
+  EXPECT_TRUE(synced.ok()) << synced.ToString();
+  EXPECT_GT((*m)->stats().protect_retries, 0u);
+  EXPECT_EQ((*m)->stats().dirty_chunks, 0u);
+  std::vector<std::byte> expected(1000, std::byte{0xab});
+  EXPECT_EQ(std::memcmp(region->data() + 100, expected.data(), expected.size()), 0);
+  ASSERT_TRUE((*m)->Close().ok());
+}
+
 // mremap moves a pulled chunk away (sync tracking): a write at the new address is let
 // through (no longer tracked) instead of indexing the chunk map out of range, and a page
 // never pulled there gets SIGBUS.
