@@ -223,17 +223,23 @@ int RunNbdServe(const NbdServeFlags& flags) {
 // Before a detach on SIGINT/SIGTERM: true when nothing holds the device. Otherwise says who
 // does, and the caller keeps it attached until the next signal: disconnecting a mounted
 // device loses the file system's unwritten data. A holder seen only for a moment (udev
-// probing the device after a umount) is waited out.
-bool ReadyToDetach(std::string_view command, const nbd::Device& device) {
+// probing the device after a umount) is waited out. When the holders cannot be listed the
+// first signal only says so (*unsure is set) and the next one detaches.
+bool ReadyToDetach(std::string_view command, const nbd::Device& device, bool* unsure) {
   Result<std::vector<std::string>> users = device.Users();
   for (int check = 1; users.ok() && !users->empty() && check < kBusyChecks; ++check) {
     std::this_thread::sleep_for(kBusyRecheck);
     users = device.Users();
   }
   if (!users.ok()) {
-    spdlog::warn("cannot tell whether {} is in use ({}); detaching", device.path(),
-                 users.status().ToString());
-    return true;
+    if (*unsure) return true;
+    *unsure = true;
+    std::fprintf(stderr,
+                 "%.*s: not detaching %s: cannot tell whether it is in use (%s). It stays attached and "
+                 "served; send SIGINT or SIGTERM again to detach it anyway.\n",
+                 static_cast<int>(command.size()), command.data(), device.path().c_str(),
+                 users.status().ToString().c_str());
+    return false;
   }
   if (users->empty()) return true;
   std::string list;
@@ -272,6 +278,15 @@ int RunSwap(const SwapFlags& flags) {
   std::unique_ptr<nbd::Device> device;
   if (int rc = AttachRegion(kSwapCmd, attach, &opened, &device); rc != kExitOk) return rc;
   const std::string& path = device->path();
+  // Connecting and attaching can take a while: Ctrl-C meanwhile (a wrong URL?) must not
+  // let mkswap overwrite the region.
+  if (const int early = TakeSignal(stop, kNoWait); early != 0) {
+    std::fprintf(stderr, "%s before swapon: detaching %s; the region was not written\n",
+                 SignalName(early).c_str(), path.c_str());
+    if (Status detached = device->Detach(); !detached.ok()) return Report(kSwapCmd, detached);
+    const int closed = CloseRegion(kSwapCmd, opened);
+    return closed != kExitOk ? closed : kExitInterrupted + early;
+  }
   if (Status made = RunProgram({"mkswap", path}, true); !made.ok()) {
     return Report(kSwapCmd, made.WithContext("mkswap " + path), "is mkswap (util-linux) installed?");
   }
@@ -285,6 +300,7 @@ int RunSwap(const SwapFlags& flags) {
   PrintDevice(*device, opened, false);
   std::fprintf(stderr, "swapping on %s (priority %s)\n", path.c_str(),
                flags.priority >= 0 ? std::to_string(flags.priority).c_str() : "default");
+  bool unsure = false;  // ReadyToDetach could not list the holders once
   for (;;) {
     const int received = TakeSignal(stop, kWaitForever);
     std::fprintf(stderr, "%s: swapoff %s (pages swapped out come back into memory first)\n",
@@ -299,11 +315,11 @@ int RunSwap(const SwapFlags& flags) {
                    failed.ToString().c_str(), path.c_str());
       continue;
     }
-    if (ReadyToDetach(kSwapCmd, *device)) break;
+    if (ReadyToDetach(kSwapCmd, *device, &unsure)) break;
   }
   if (Status detached = device->Detach(); !detached.ok()) return Report(kSwapCmd, detached);
   std::fprintf(stderr, "%s detached\n", path.c_str());
-  return kExitOk;
+  return CloseRegion(kSwapCmd, opened);
 }
 
 }  // namespace
@@ -319,14 +335,18 @@ int RunNbdMount(const NbdAttachFlags& flags) {
   std::unique_ptr<nbd::Device> device;
   if (int rc = AttachRegion(kMountCmd, flags, &opened, &device); rc != kExitOk) return rc;
   PrintDevice(*device, opened, !opened.remote->writable());
+  bool unsure = false;  // ReadyToDetach could not list the holders once
   for (;;) {
     const int received = WaitForStop(stop, opened);
-    if (!ReadyToDetach(kMountCmd, *device)) continue;
+    if (!ReadyToDetach(kMountCmd, *device, &unsure)) continue;
     std::fprintf(stderr, "%s: detaching %s\n", SignalName(received).c_str(), device->path().c_str());
     break;
   }
   if (Status detached = device->Detach(); !detached.ok()) {
-    return Report(kMountCmd, detached, "unmount it (umount) or close the programs using it, then it is free");
+    return Report(kMountCmd, detached,
+                  detached.code() == Code::kBusy
+                      ? "unmount it (umount) or close the programs using it, then it is free"
+                      : "");
   }
   return CloseRegion(kMountCmd, opened);
 }

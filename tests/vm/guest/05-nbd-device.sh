@@ -7,6 +7,8 @@
 #      back;
 #   3. a `mount --nbd` killed with SIGKILL leaves its device behind: a new attach names it
 #      and refuses, --reclaim takes it back;
+#   3b. SIGINT to `memfabric swap` while it attaches: it detaches and exits 130, and mkswap
+#      never wrote the region;
 #   4. `memfabric swap`, then a process that allocates more than the guest's free memory
 #      (most of it is taken away as huge pages first) so that pages go to the remote swap;
 #      its memory reads back intact and /proc/swaps showed the swap in use;
@@ -17,7 +19,7 @@
 #
 #   05-nbd-device.sh MEMFABRIC_BINARY [SCHEME [--no-swap]]
 # SCHEME (default: $MF_NBD_SCHEME, else tcp) is the URL's scheme: the data plane (e.g. rdma).
-# --no-swap stops after step 3: the swap round trip costs minutes of emulated CPU, and the
+# --no-swap stops after step 3b: the swap round trip costs minutes of emulated CPU, and the
 # CI suite runs it once (over TCP); over rdma:// it passes the same way when run by hand.
 # shellcheck source=tests/vm/guest/lib.sh
 . "$(dirname "$0")/lib.sh"
@@ -82,6 +84,7 @@ serve_rdma=()
 [[ $SCHEME == rdma || $SCHEME == auto ]] && serve_rdma=(--rdma on)
 spawn "$MF" serve --listen "$MF_VM_ADDR:0" --port-file "$DIR/port" --region disk=64M \
   --region "swap=${SWAP_MIB}M,backing=hugetlb" --log-level warn "${serve_rdma[@]}"
+server_pid=${_spawned[-1]}
 wait_path -s "$DIR/port" 60
 [[ -e /sys/fs/cgroup/mf-server/cgroup.procs ]] && echo $$ >/sys/fs/cgroup/cgroup.procs
 URL=$SCHEME://$MF_VM_ADDR:$(cat "$DIR/port")
@@ -172,6 +175,29 @@ attach "$DIR/dev4" "$URL/disk" "$DEV" --reclaim
 dd if="$DEV" of=/dev/null bs=1M count=8 iflag=direct status=none || fail "reading the reclaimed $DEV"
 detach "$attached_pid" "$DEV" TERM
 echo "$DEV reclaimed"
+
+# ---- 3b. SIGINT before swapon -----------------------------------------------------------------
+# A user who sees a wrong URL while `memfabric swap` connects presses Ctrl-C: the region must
+# not be overwritten by mkswap. The server is stopped meanwhile, so the signal surely comes
+# while the client waits for it.
+note "3b. SIGINT to memfabric swap while it attaches: it detaches before mkswap"
+"$MF" read "$URL/disk" 0 65536 | sha256sum >"$DIR/disk-head" || fail "memfabric read $URL/disk"
+kill -STOP "$server_pid"
+"$MF" swap "$URL/disk" --log-level info >/dev/null 2>"$DIR/early.log" &
+early_pid=$!
+_spawned+=("$early_pid")
+sleep 1
+kill -INT "$early_pid"
+kill -CONT "$server_pid"
+rc=0
+wait "$early_pid" || rc=$?
+cat "$DIR/early.log"
+((rc == 130)) || fail "memfabric swap exited with $rc, not 130, on a SIGINT before its swapon"
+early_dev=$(sed -n 's|^SIGINT before swapon: detaching \(/dev/nbd[0-9]*\);.*|\1|p' "$DIR/early.log")
+[[ -n $early_dev ]] || fail "memfabric swap did not say it detached before swapon"
+device_free "$early_dev"
+"$MF" read "$URL/disk" 0 65536 | sha256sum | cmp -s - "$DIR/disk-head" || fail "mkswap wrote the region"
+echo "SIGINT before swapon: $early_dev detached, the region untouched"
 
 # ---- 4. swap ----------------------------------------------------------------------------------
 if [[ $NO_SWAP == --no-swap ]]; then
