@@ -424,21 +424,19 @@ void Mapping::HandleRemove(uint64_t start, uint64_t end) {
     // The pages are gone: the next touch pulls them again. Pages of the chunk outside the
     // range stay, and the re-pull skips them (Sync pulls a dirty chunk so left too).
     chunks_.Drop(c);
-    ForgetWritesIfWhollyIn(c, start, end, /*reprotect=*/tracking_ == WriteTracking::kSync);
+    // Sync tracking keeps a written chunk dirty. MADV_FREE leaves its pages in place,
+    // unprotected since their first write, and madvise returns once this event is read, not
+    // handled: a write in between would neither fault nor mark the chunk if it were
+    // forgotten here. A dirty chunk whose pages did go is pulled back by Sync and pushed
+    // unchanged, which is harmless. Async tracking forgets: its next scan sees such a write.
+    if (tracking_ != WriteTracking::kSync) ForgetWritesIfWhollyIn(c, start, end);
   }
 }
 
-void Mapping::ForgetWritesIfWhollyIn(uint64_t chunk, uint64_t start, uint64_t end, bool reprotect) {
+void Mapping::ForgetWritesIfWhollyIn(uint64_t chunk, uint64_t start, uint64_t end) {
   const auto chunk_start = reinterpret_cast<uint64_t>(ChunkAddress(chunk));
   if (start <= chunk_start && chunk_start + ChunkLength(chunk) <= end) {
     MutexLock lock(stripes_[chunk % kLockStripes]);
-    // MADV_FREE leaves the pages in place, unprotected since the chunk's first write: a
-    // write after it would neither fault nor mark the chunk. So they are protected again
-    // first; if that fails the chunk stays dirty (pushed once more, which is harmless).
-    if (reprotect && chunks_.dirty(chunk) &&
-        !uffd_->WriteProtect(ChunkAddress(chunk), ChunkLength(chunk), true).ok()) {
-      return;
-    }
     chunks_.SetDirty(chunk, false);
   }
 }
@@ -457,7 +455,7 @@ void Mapping::HandleUnmap(uint64_t start, uint64_t end) {
   }
   for (uint64_t c = (start - base) / chunk_size_; c <= (end - 1 - base) / chunk_size_; ++c) {
     cut_chunks_[c].store(true, std::memory_order_release);
-    ForgetWritesIfWhollyIn(c, start, end, /*reprotect=*/false);  // and Sync never reads it again
+    ForgetWritesIfWhollyIn(c, start, end);  // and Sync never reads it again
   }
 }
 
@@ -655,7 +653,15 @@ void Mapping::OnPullDone(uint64_t cookie, const Status& piece_status) {
 }
 
 void Mapping::FailChunk(uint64_t chunk) {
-  FailPages(ChunkAddress(chunk), ChunkLength(chunk));
+  if (!cut_chunks_[chunk].load(std::memory_order_acquire))
+    return FailPages(ChunkAddress(chunk), ChunkLength(chunk));
+  // Partly unmapped or moved away: only its pages still mapped are ours. A poison over the
+  // hole fails (ENOENT) every time, so the waiter would fault again forever, and FailLoop's
+  // mmap would replace what the program mapped there.
+  const auto start = reinterpret_cast<uint64_t>(ChunkAddress(chunk));
+  for (const auto& [from, to] : MappedSegments(start, start + ChunkLength(chunk))) {
+    FailPages(reinterpret_cast<std::byte*>(from), to - from);
+  }
 }
 
 void Mapping::FailPages(std::byte* addr, size_t len) {
@@ -775,15 +781,25 @@ Status Mapping::ScanWritten(uint64_t start, uint64_t end) {
     // swapped pages can hold writes.
     arg.category_mask = PAGE_IS_WRITTEN;
     arg.category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
-    arg.return_mask = PAGE_IS_WRITTEN;
+    arg.return_mask = PAGE_IS_WRITTEN | PAGE_IS_PRESENT;
     int n = ::ioctl(pagemap_fd_.get(), PAGEMAP_SCAN, &arg);
     if (n < 0) {
       if (errno == EINTR) continue;
-      return Status::FromErrno(errno, "PAGEMAP_SCAN");
+      // The scan may have protected pages again before it failed, without saying which:
+      // their writes are kept by marking every chunk left to scan that can hold any.
+      const Status failed = Status::FromErrno(errno, "PAGEMAP_SCAN");
+      for (uint64_t c = (start - base) / chunk_size_; c <= (end - 1 - base) / chunk_size_; ++c) {
+        if (chunks_.state(c) != fabric::ChunkState::kRemote) chunks_.SetDirty(c, true);
+      }
+      return failed;
     }
     for (int i = 0; i < n; ++i) {
+      const bool present = (regions[i].categories & PAGE_IS_PRESENT) != 0;
       for (uint64_t c = (regions[i].start - base) / chunk_size_;
            c <= (regions[i].end - 1 - base) / chunk_size_; ++c) {
+        // A failed chunk's poisoned pages look swapped and written (a poison marker has no
+        // WP bit): only its present pages, pieces that arrived and were written, count.
+        if (!present && chunks_.state(c) == fabric::ChunkState::kFailed) continue;
         chunks_.SetDirty(c, true);
       }
     }
@@ -1125,20 +1141,20 @@ Status Mapping::Close() {
     });
   }
   if (base_ != nullptr) {
-    (void)uffd_->Unregister(base_, size_);
-    bool holes = false;
-    {
-      MutexLock lock(mu_);
-      holes = !unmapped_.empty();
-    }
-    if (!holes) {
+    const auto start = reinterpret_cast<uint64_t>(base_);
+    const std::vector<std::pair<uint64_t, uint64_t>> segments = MappedSegments(start, start + size_);
+    // Segment by segment: what the program mapped into a hole (a regular file, say) cannot
+    // be registered, and would fail one unregister of the whole range.
+    for (const auto& [from, to] : segments) (void)uffd_->Unregister(reinterpret_cast<void*>(from), to - from);
+    // Closed before the munmaps, as no thread reads its events any more: an unmap of a range
+    // still registered (moved away by mremap, or missed above) would wait for its event to
+    // be read forever. Closing it unregisters whatever is left.
+    uffd_.reset();
+    if (segments.size() == 1 && segments.front() == std::pair(start, start + size_)) {
       memory_.Reset();
     } else {
       // Unmap only what the program left mapped: something else may live in the holes.
-      const auto start = reinterpret_cast<uint64_t>(base_);
-      for (const auto& [from, to] : MappedSegments(start, start + size_)) {
-        ::munmap(reinterpret_cast<void*>(from), to - from);
-      }
+      for (const auto& [from, to] : segments) ::munmap(reinterpret_cast<void*>(from), to - from);
       (void)memory_.Release();
     }
     base_ = nullptr;

@@ -197,9 +197,8 @@ class Mapping {
   void HandleRemove(uint64_t start, uint64_t end);
   void HandleUnmap(uint64_t start, uint64_t end) MF_EXCLUDES(mu_);
   // Dropped or unmapped pages [start, end) covering the whole chunk took its unsynced
-  // writes with them: it leaves the dirty set (nothing to push). With sync tracking and
-  // pages that may still be there (MADV_FREE), `reprotect` write-protects them first.
-  void ForgetWritesIfWhollyIn(uint64_t chunk, uint64_t start, uint64_t end, bool reprotect);
+  // writes with them: it leaves the dirty set (nothing to push).
+  void ForgetWritesIfWhollyIn(uint64_t chunk, uint64_t start, uint64_t end);
   void PrefetchLoop() MF_EXCLUDES(mu_);
   void SyncLoop() MF_EXCLUDES(mu_);
   // Pulls `count` consecutive chunks from `chunk` (claimed by the caller) into `slot`.

@@ -1,8 +1,10 @@
 // uffd::Mapping on the real kernel userfaultfd, over MemoryRemote (the end-to-end tests
 // over TCP and RDMA are in tests/integration and tests/vm).
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -305,6 +307,32 @@ TEST_P(MappingTest, WriteAfterMadvFreeIsPushed) {
   EXPECT_EQ(region_->data()[c - 1], std::byte{3});
 }
 
+// The same with no wait: madvise returns once the fault thread has read its event, maybe
+// before it handled it, and a write at once must not be lost to the handling.
+TEST_P(MappingTest, WriteRightAfterMadvFreeIsPushed) {
+  MemoryRemote remote(region_, true);
+  auto m = Mapping::Create(remote, Options());
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  const size_t c = GetParam().chunk;
+  const size_t chunks = std::min<size_t>(kSize / c, 64);
+  std::byte* p = (*m)->data();
+  constexpr uint32_t kRounds = 300;
+  uint32_t lost = 0;
+  for (uint32_t round = 1; round <= kRounds; ++round) {
+    std::byte* at = p + (round % chunks) * c;
+    std::memset(at, 0x31, 64);
+    ASSERT_EQ(::madvise(at, c, MADV_FREE), 0);
+    std::memcpy(at + 8, &round, sizeof(round));
+    Status synced = (*m)->Sync();
+    ASSERT_TRUE(synced.ok()) << synced.ToString();
+    uint32_t on_server = 0;
+    std::memcpy(&on_server, region_->data() + (at - p) + 8, sizeof(on_server));
+    lost += on_server != round;
+  }
+  EXPECT_EQ(lost, 0u) << "of " << kRounds << " writes right after MADV_FREE";
+  EXPECT_TRUE((*m)->Close().ok());
+}
+
 // munmap of a whole chunk drops it from the dirty set: Sync neither reads the hole nor
 // pushes anything for it. A chunk partly unmapped pushes only its pages still mapped.
 TEST_P(MappingTest, MunmapOfChunksKeepsSyncWorking) {
@@ -507,6 +535,100 @@ TEST(MappingDeathTest, UnservableFaultRaisesSigbusNotAHang) {
         TouchWithoutPrefetch(remote);
       },
       mf::testing::DiedOf(SIGBUS), mf::testing::DeathMessage(SIGBUS));
+}
+
+// A chunk partly unmapped whose pull fails: its pages still mapped must raise SIGBUS. A
+// poison of the whole chunk, hole included, failed every time and the fault came back
+// forever.
+TEST(MappingDeathTest, FailedPullOfAPartlyUnmappedChunkRaisesSigbus) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto region = std::make_shared<MemoryRegion>("cut-dead", 1u << 20);
+  EXPECT_EXIT(
+      {
+        ::alarm(20);  // the old livelock ends as SIGALRM, not SIGBUS
+        FaultyRemote remote(region, false);
+        remote.fail_reads = true;
+        MappingOptions o;
+        o.chunk_size = 64u << 10;
+        o.prefetch = false;
+        auto m = Mapping::Create(remote, o);
+        if (!m.ok()) _exit(3);
+        std::byte* p = (*m)->data();
+        if (::munmap(p + (16u << 10), kPageSize) != 0) _exit(4);
+        (void)*reinterpret_cast<volatile std::byte*>(p);
+        _exit(0);
+      },
+      mf::testing::DiedOf(SIGBUS), mf::testing::DeathMessage(SIGBUS));
+}
+
+// The program munmaps part of the range and a file it maps lands in the hole: userfaultfd
+// cannot register such a mapping, so one unregister of the whole range failed, and Close's
+// munmap of the rest, still registered, waited forever for its event to be read.
+TEST(MappingDeathTest, CloseWithAFileMappedIntoAHoleReturns) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto region = std::make_shared<MemoryRegion>("file-hole", 1u << 20);
+  FillPattern(region->bytes(), 23);
+  EXPECT_EXIT(
+      {
+        ::alarm(20);
+        MemoryRemote remote(region, true);
+        MappingOptions o;
+        o.chunk_size = 64u << 10;
+        auto m = Mapping::Create(remote, o);
+        if (!m.ok()) _exit(3);
+        std::byte* p = (*m)->data();
+        std::memset(p, 0x41, 4096);
+        std::byte* hole = p + (256u << 10);
+        if (::munmap(hole, 64u << 10) != 0) _exit(4);
+        UniqueFd file(::open("/proc/self/exe", O_RDONLY | O_CLOEXEC));
+        if (!file || ::mmap(hole, 64u << 10, PROT_READ, MAP_PRIVATE | MAP_FIXED, file.get(), 0) == MAP_FAILED)
+          _exit(5);
+        if (!(*m)->Close().ok()) _exit(6);
+        // The file's mapping is left alone, and the write reached the server.
+        std::byte head[4];
+        std::memcpy(head, hole, sizeof(head));
+        if (std::memcmp(head,
+                        "\x7f"
+                        "ELF",
+                        4) != 0)
+          _exit(7);
+        if (region->data()[0] != std::byte{0x41}) _exit(8);
+        _exit(0);
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
+// Async tracking: a chunk never written whose pull failed is poisoned, and a poison marker
+// looks "written" to PAGEMAP_SCAN (it has no WP bit). It must not count as a write that
+// cannot be pushed, which failed every later Sync, Close's too.
+TEST(Mapping, FailedPullOfAChunkNeverWrittenDoesNotFailSync) {
+  if (!KernelHasAsyncWp()) GTEST_SKIP() << "kernel lacks async WP";
+  auto features = Userfaultfd::AvailableFeatures();
+  if (!features.ok() || (*features & UFFD_FEATURE_POISON) == 0) GTEST_SKIP() << "kernel lacks UFFDIO_POISON";
+  constexpr size_t kChunk = 64u << 10;
+  auto region = std::make_shared<MemoryRegion>("poisoned", 1u << 20);
+  FaultyRemote remote(region, true);
+  MappingOptions o;
+  o.chunk_size = kChunk;
+  o.prefetch = false;
+  o.tracking = WriteTracking::kAsync;
+  auto m = Mapping::Create(remote, o);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  std::byte* p = (*m)->data();
+  p[0] = std::byte{0x51};  // chunk 0: written, pushed below
+  remote.fail_reads = true;
+  // Chunk 2's pull fails. Read through the kernel, so the poisoned page is an EFAULT here
+  // rather than SIGBUS.
+  std::byte copy[64];
+  iovec local{copy, sizeof(copy)};
+  iovec far{p + 2 * kChunk, sizeof(copy)};
+  EXPECT_EQ(::process_vm_readv(::getpid(), &local, 1, &far, 1, 0), -1);
+  EXPECT_EQ((*m)->stats().failed_pulls, 1u);
+  remote.fail_reads = false;
+  Status synced = (*m)->Sync();
+  EXPECT_TRUE(synced.ok()) << synced.ToString();
+  EXPECT_EQ(region->data()[0], std::byte{0x51});
+  EXPECT_TRUE((*m)->Close().ok());
 }
 
 // A chunk partly present (some pages dropped with MADV_DONTNEED) whose re-pull fails: the
