@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <charconv>
 #include <cstring>
 #include <filesystem>
@@ -33,9 +34,20 @@ namespace {
 constexpr char kModuleDir[] = "/sys/module/nbd";
 constexpr char kSysBlock[] = "/sys/block";
 constexpr char kBackendPrefix[] = "memfabric pid=";
+constexpr std::string_view kBackendStart = " start=";
+constexpr std::string_view kBackendPidNamespace = " pidns=";
+constexpr std::string_view kBackendExport = " export=";
+// The pid namespace this process is in: a link "pid:[INODE]"; stat gives the inode.
+constexpr char kOwnPidNamespace[] = "/proc/self/ns/pid";
 constexpr uint64_t kSectorSize = 512;  // unit of /sys/block/*/size
 constexpr auto kPollInterval = std::chrono::milliseconds(20);
 constexpr auto kMonitorTick = std::chrono::milliseconds(500);
+// Bounds of what Users() reads from sysfs. The nbd module gives a device at most 255
+// partitions (DISK_MAX_PARTS minors) beside some 30 attribute files; loop devices are
+// looked for among the first kMaxBlockDevices entries of /sys/block.
+constexpr size_t kMaxDiskEntries = 1024;
+constexpr size_t kMaxBlockDevices = 16384;
+static_assert(kMaxDiskEntries > 256);
 
 std::string DevicePath(int index) {
   return "/dev/nbd" + std::to_string(index);
@@ -82,6 +94,36 @@ std::optional<uint64_t> ProcessStartTime(pid_t pid) {
 
 Status SysError(std::string_view what) {
   return Status::FromErrno(errno, what);
+}
+
+// The names in `dir`, at most `limit` of them. Entries of /proc and /sys come and go while
+// they are read: a directory that vanishes or fails part way gives what was read so far.
+std::vector<std::string> DirectoryNames(const std::string& dir, size_t limit = SIZE_MAX) {
+  std::vector<std::string> names;
+  std::error_code ec;
+  for (std::filesystem::directory_iterator it(dir, ec), end; !ec && it != end && names.size() < limit;
+       it.increment(ec)) {
+    names.push_back(it->path().filename().string());
+  }
+  return names;
+}
+
+// "43:32" (a sysfs dev file) as a device number.
+std::optional<dev_t> ParseDevNumber(std::string_view text) {
+  const size_t colon = text.find(':');
+  if (colon == std::string_view::npos) return std::nullopt;
+  const auto major_number = ParseNumber<unsigned>(text.substr(0, colon));
+  const auto minor_number = ParseNumber<unsigned>(text.substr(colon + 1));
+  if (!major_number || !minor_number) return std::nullopt;
+  return makedev(*major_number, *minor_number);
+}
+
+// The inode that names this process's pid namespace, or nullopt when /proc does not say
+// (a /proc of another namespace shows no /proc/self).
+std::optional<uint64_t> OwnPidNamespace() {
+  struct stat st {};
+  if (::stat(kOwnPidNamespace, &st) != 0) return std::nullopt;
+  return static_cast<uint64_t>(st.st_ino);
 }
 
 // ---- Generic netlink (libnl-3) ------------------------------------------------------------------
@@ -328,16 +370,31 @@ class Device::Monitor final {
     return NL_OK;
   }
 
+  // Stopping for any reason but wake_ leaves the device without a replacement for a
+  // connection the kernel drops: once all are gone its I/O fails. Hence error level.
   void Run() {
     pollfd fds[2] = {{nl_socket_get_fd(netlink_.sock()), POLLIN, 0}, {wake_.get(), POLLIN, 0}};
     for (;;) {
       const int ready = ::poll(fds, 2, static_cast<int>(kMonitorTick.count()));
-      if (ready < 0 && errno != EINTR) {
-        spdlog::warn("nbd: {} monitor: poll: {}", device_.path_, std::strerror(errno));
+      if (ready < 0 && errno == EINTR) continue;  // revents are not set
+      if (ready < 0) {
+        spdlog::error(
+            "nbd: {}: the monitor stopped (poll: {}); connections the kernel drops are no "
+            "longer replaced",
+            device_.path_, std::strerror(errno));
         return;
       }
-      if ((fds[1].revents & POLLIN) != 0) return;
-      if ((fds[0].revents & POLLIN) != 0) {
+      if ((fds[1].revents & POLLIN) != 0) return;  // Detach or the destructor
+      if ((fds[0].revents & (POLLHUP | POLLNVAL)) != 0 || (fds[1].revents & (POLLERR | POLLNVAL)) != 0) {
+        // Would wake every poll at once from now on.
+        spdlog::error(
+            "nbd: {}: the monitor stopped (its sockets failed: {:#x}, {:#x}); connections the "
+            "kernel drops are no longer replaced",
+            device_.path_, fds[0].revents, fds[1].revents);
+        return;
+      }
+      // POLLERR alone: the socket overflowed (ENOBUFS); reading reports and clears that.
+      if ((fds[0].revents & (POLLIN | POLLERR)) != 0) {
         // One datagram per call (the socket does not block; EAGAIN also returns 0).
         dead_links_ = 0;
         if (int rc = nl_recvmsgs(netlink_.sock(), cb_.get()); rc < 0 && rc != -NLE_AGAIN) {
@@ -349,6 +406,8 @@ class Device::Monitor final {
       // requests and has no room) is tried again every tick.
       while (owed_ > 0) {
         Status replaced = device_.ReplaceDeadConnection();
+        // A Detach is under way: still owed should its disconnect fail.
+        if (replaced.code() == Code::kAborted) break;
         if (!replaced.ok()) {
           if (!retrying_) {
             spdlog::warn("nbd: {}: the kernel dropped a connection; cannot replace it yet ({}); retrying",
@@ -389,6 +448,8 @@ std::string DeviceStatus::Describe() const {
   if (!connected) return text + "free";
   if (stale()) {
     text += "left behind by memfabric process " + std::to_string(owner) + ", which is gone";
+  } else if (owner > 0 && owner_in_other_pid_namespace) {
+    text += "in use by process " + std::to_string(owner) + " of another pid namespace";
   } else if (owner > 0) {
     text += "in use by process " + std::to_string(owner) + (owner_alive ? "" : " (gone)");
   } else {
@@ -401,16 +462,51 @@ std::string DeviceStatus::Describe() const {
 
 // ---- Device: queries ------------------------------------------------------------------------------
 
+namespace {
+
+// The value of `key` (" start=") in the fields of a backend identifier, or nullopt.
+std::optional<std::string_view> BackendField(std::string_view fields, std::string_view key) {
+  const size_t at = fields.find(key);
+  if (at == std::string_view::npos) return std::nullopt;
+  std::string_view value = fields.substr(at + key.size());
+  return value.substr(0, value.find(' '));
+}
+
+}  // namespace
+
+std::string Device::BackendIdentifier(std::string_view export_name) {
+  const pid_t self = ::getpid();
+  std::string id = kBackendPrefix + std::to_string(self);
+  id += std::string(kBackendStart) + std::to_string(ProcessStartTime(self).value_or(0));
+  if (const std::optional<uint64_t> pidns = OwnPidNamespace()) {
+    id += std::string(kBackendPidNamespace) + std::to_string(*pidns);
+  }
+  id += kBackendExport;
+  // sysfs shows the identifier as one line, read back by ReadSysfs.
+  for (char c : export_name.substr(0, kMaxBackendBytes - std::min(id.size(), kMaxBackendBytes))) {
+    id += std::iscntrl(static_cast<unsigned char>(c)) != 0 ? '?' : c;
+  }
+  return id;
+}
+
 BackendOwner OwnerOfBackend(std::string_view backend) {
   BackendOwner owner;
   if (backend.rfind(kBackendPrefix, 0) != 0) return owner;
   std::string_view rest = backend.substr(sizeof(kBackendPrefix) - 1);
   owner.pid = ParseNumber<pid_t>(rest.substr(0, rest.find(' '))).value_or(0);
+  // The export name is last and may hold anything, " start=" too.
+  const std::string_view fields = rest.substr(0, rest.find(kBackendExport));
+  if (const auto recorded = BackendField(fields, kBackendPidNamespace)) {
+    const std::optional<uint64_t> ours = OwnPidNamespace();
+    if (!ours || ParseNumber<uint64_t>(*recorded) != ours) {
+      owner.other_pid_namespace = true;
+      owner.alive = true;  // cannot tell from here: not stale
+      return owner;
+    }
+  }
   owner.alive = ProcessAlive(owner.pid);
-  constexpr std::string_view kStart = " start=";
-  if (const size_t at = rest.find(kStart); owner.alive && at != std::string_view::npos) {
-    std::string_view value = rest.substr(at + kStart.size());
-    const std::optional<uint64_t> recorded = ParseNumber<uint64_t>(value.substr(0, value.find(' ')));
+  if (const auto value = BackendField(fields, kBackendStart); owner.alive && value) {
+    const std::optional<uint64_t> recorded = ParseNumber<uint64_t>(*value);
     owner.alive = recorded && *recorded != 0 && ProcessStartTime(owner.pid) == recorded;
   }
   return owner;
@@ -442,6 +538,7 @@ DeviceStatus ReadStatus(int index, bool connected) {
     const BackendOwner owner = OwnerOfBackend(s.backend);
     s.owner = owner.pid;
     s.owner_alive = owner.alive;
+    s.owner_in_other_pid_namespace = owner.other_pid_namespace;
   }
   if (s.owner == 0) {
     if (auto pid = ReadSysfs(SysBlock(index) + "/pid")) s.owner = ParseNumber<pid_t>(*pid).value_or(0);
@@ -518,6 +615,10 @@ Result<std::vector<DeviceStatus>> Device::List() {
 Status Device::Reclaim(int index, bool force, std::chrono::milliseconds timeout) {
   MF_ASSIGN_OR_RETURN(DeviceStatus status, Query(index));
   if (!status.connected) return Status::Ok();
+  if (status.owner_in_other_pid_namespace && !force) {
+    return Status(Code::kBusy, "cannot reclaim " + status.Describe() +
+                                   ": its owner may be alive there; stop it in its container instead");
+  }
   if (status.owner_alive && !force) {
     return Status(Code::kBusy,
                   "cannot reclaim " + status.Describe() + ": its owner is alive; stop it instead");
@@ -574,7 +675,19 @@ Result<std::unique_ptr<Device>> Device::Attach(fabric::Remote& remote, const Dev
 
 Device::~Device() {
   Status detached = Detach();
-  if (!detached.ok()) spdlog::warn("nbd: detaching {}: {}", path_, detached.ToString());
+  if (detached.ok()) return;
+  if (detached.code() == Code::kBusy) {
+    spdlog::warn("nbd: detaching {}: {}", path_, detached.ToString());
+    return;
+  }
+  spdlog::error("nbd: detaching {}: {}", path_, detached.ToString());
+  MutexLock lock(detach_mu_);
+  if (do_it_.joinable()) {
+    // The thread stays in NBD_DO_IT on the descriptor until this process exits (which
+    // ends NBD_DO_IT and shuts the sockets): leave both to it.
+    do_it_.detach();
+    (void)ioctl_fd_.Release();
+  }
 }
 
 Result<UniqueFd> Device::NewConnection() {
@@ -596,9 +709,12 @@ Status Device::Start(uint64_t size, uint16_t flags) {
     return InvalidArgument("connections must be 1 to " + std::to_string(kMaxDeviceConnections));
   }
   if (o.index < -1) return InvalidArgument("device index " + std::to_string(o.index) + " is negative");
-  if (o.io_timeout.count() < 0 || o.dead_connection_timeout.count() < 0) {
-    return InvalidArgument("NBD timeouts cannot be negative");
+  if (o.io_timeout.count() <= 0) {
+    // The kernel takes 0 for "no timeout": with one connection a request the Export never
+    // answers would hang its caller forever.
+    return InvalidArgument("the NBD I/O timeout must be at least 1 s (0 would let a request wait forever)");
   }
+  if (o.dead_connection_timeout.count() < 0) return InvalidArgument("NBD timeouts cannot be negative");
   if (size == 0 || size % kDeviceBlockSize != 0) {
     return InvalidArgument("export '" + export_name_ + "' has " + std::to_string(size) +
                            " bytes; a block device needs a positive multiple of " +
@@ -651,9 +767,7 @@ Status Device::Start(uint64_t size, uint16_t flags) {
     c.server_flags = flags;
     c.io_timeout_s = static_cast<uint64_t>(o.io_timeout.count());
     c.dead_timeout_s = static_cast<uint64_t>(o.dead_connection_timeout.count());
-    backend_ = kBackendPrefix + std::to_string(::getpid()) +
-               " start=" + std::to_string(ProcessStartTime(::getpid()).value_or(0)) +
-               " export=" + export_name_;
+    backend_ = BackendIdentifier(export_name_);
     c.backend = backend_;
     for (const UniqueFd& fd : kernel_ends) c.fds.push_back(fd.get());
     Result<int> index = netlink->Connect(c);
@@ -679,6 +793,7 @@ Status Device::Start(uint64_t size, uint16_t flags) {
   if (interface_ == DeviceInterface::kNetlink) {
     auto monitor = Monitor::Start(*this);
     if (monitor.ok()) {
+      MutexLock lock(detach_mu_);
       monitor_ = std::move(monitor).value();
     } else {
       spdlog::warn("nbd: {}: dead connections will not be replaced: {}", path_, monitor.status().ToString());
@@ -760,6 +875,7 @@ Status Device::StartIoctl(uint64_t size, uint16_t flags, std::vector<UniqueFd> k
       return last;
     }
     index_ = index;
+    MutexLock lock(detach_mu_);
     ioctl_fd_ = std::move(fd);
     do_it_ = std::move(thread);
     return Status::Ok();  // kernel_ends close: the kernel holds its own references
@@ -784,10 +900,10 @@ Status Device::WaitReady() {
 }
 
 Status Device::ReplaceDeadConnection() {
-  {
-    MutexLock lock(mu_);
-    if (!attached_) return Status::Ok();  // detaching: nothing to replace
-  }
+  // Held throughout, so that Detach, which clears attached_ first, never disconnects while
+  // a replacement is on its way to the kernel.
+  MutexLock lock(mu_);
+  if (!attached_) return Status(Code::kAborted, "detaching");
   Result<UniqueFd> end = NewConnection();
   Status replaced = end.ok() ? Status::Ok() : end.status();
   if (replaced.ok()) {
@@ -809,17 +925,53 @@ std::string ProcessName(const std::string& pid) {
   return ReadSysfs("/proc/" + pid + "/comm").value_or("");
 }
 
-// Mount points of the block device `rdev` in this mount namespace (/proc/self/mountinfo:
-// field 3 is MAJOR:MINOR, field 5 the mount point).
-std::vector<std::string> MountPointsOf(dev_t rdev) {
+// The whole disk or one of its partitions, as sysfs shows it.
+struct BlockDevice {
+  std::string name;  // "nbd3", "nbd3p1"
+  dev_t number = 0;
+  std::string path() const { return "/dev/" + name; }
+};
+
+bool IsOneOf(dev_t number, const std::vector<BlockDevice>& devices) {
+  return std::any_of(devices.begin(), devices.end(),
+                     [&](const BlockDevice& d) { return d.number == number; });
+}
+
+// /dev/nbd<index> (first) and its partitions, which the nbd module creates as
+// sys_block/nbdX/nbdXpN. kNotFound when sysfs shows no number for the disk; a partition
+// that vanishes while it is read is left out.
+Result<std::vector<BlockDevice>> DiskAndPartitions(const std::string& sys_block, int index) {
+  const std::string disk = "nbd" + std::to_string(index);
+  const std::string dir = sys_block + "/" + disk;
+  const std::optional<dev_t> number = ParseDevNumber(ReadSysfs(dir + "/dev").value_or(""));
+  if (!number)
+    return NotFound("cannot read the device number of " + DevicePath(index) + " from " + dir + "/dev");
+  std::vector<BlockDevice> devices = {{disk, *number}};
+  const std::string prefix = disk + "p";
+  for (const std::string& name : DirectoryNames(dir, kMaxDiskEntries)) {
+    if (!name.starts_with(prefix) || !ParseNumber<unsigned>(std::string_view(name).substr(prefix.size()))) {
+      continue;
+    }
+    if (auto part = ParseDevNumber(ReadSysfs(dir + "/" + name + "/dev").value_or(""))) {
+      devices.push_back({name, *part});
+    }
+  }
+  return devices;
+}
+
+// Where the devices are mounted in this mount namespace (/proc/self/mountinfo: field 3 is
+// MAJOR:MINOR, field 5 the mount point).
+std::vector<std::string> MountPointsOf(const std::vector<BlockDevice>& devices) {
   std::vector<std::string> points;
   std::ifstream in("/proc/self/mountinfo");
-  const std::string device = std::to_string(major(rdev)) + ":" + std::to_string(minor(rdev));
   std::string line;
   while (std::getline(in, line)) {
     std::istringstream fields(line);
     std::string id, parent, numbers, root, point;
-    if (fields >> id >> parent >> numbers >> root >> point && numbers == device) points.push_back(point);
+    if (!(fields >> id >> parent >> numbers >> root >> point)) continue;
+    if (const std::optional<dev_t> number = ParseDevNumber(numbers); number && IsOneOf(*number, devices)) {
+      points.push_back(point);
+    }
   }
   return points;
 }
@@ -834,28 +986,78 @@ bool IsSwapArea(const std::string& path) {
   return false;
 }
 
-// Other processes with the device open (/proc/PID/fd) or mapped (/proc/PID/maps).
-void AddProcessUsers(const std::string& path, dev_t rdev, std::vector<std::string>* users) {
-  namespace fs = std::filesystem;
-  const std::string self = std::to_string(::getpid());
-  std::error_code ec;
-  for (const auto& entry : fs::directory_iterator("/proc", ec)) {
-    const std::string pid = entry.path().filename();
-    if (pid == self || !ParseNumber<pid_t>(pid)) continue;
-    bool open = false;
-    for (const auto& fd : fs::directory_iterator(entry.path() / "fd", ec)) {
-      struct stat st {};
-      if (::stat(fd.path().c_str(), &st) == 0 && S_ISBLK(st.st_mode) && st.st_rdev == rdev) {
-        open = true;
-        break;
-      }
+// dm, md or bcache devices built on the disk or a partition: sysfs links them under
+// holders/ of what they hold.
+void AddHolders(const std::string& sys_block, const std::vector<BlockDevice>& devices,
+                std::vector<std::string>* users) {
+  const std::string disk_dir = sys_block + "/" + devices.front().name;
+  for (const BlockDevice& d : devices) {
+    const std::string dir = d.name == devices.front().name ? disk_dir : disk_dir + "/" + d.name;
+    for (const std::string& holder : DirectoryNames(dir + "/holders", kMaxDiskEntries)) {
+      users->push_back("used by " + holder);
     }
-    if (open) users->push_back("open in pid " + pid + " (" + ProcessName(pid) + ")");
-    std::ifstream maps(entry.path() / "maps");
+  }
+}
+
+// Loop devices backed by the disk or a partition. The loop driver holds the device open
+// itself, so no process's descriptors show it, and it is no holder in sysfs. backing_file
+// is the path of the device node as the kernel resolved it (symbolic links followed): a
+// node made outside /dev is not recognised. Loop devices beyond the first
+// kMaxBlockDevices entries of /sys/block are not looked at.
+void AddLoopUsers(const std::string& sys_block, const std::vector<BlockDevice>& devices,
+                  std::vector<std::string>* users) {
+  for (const std::string& name : DirectoryNames(sys_block, kMaxBlockDevices)) {
+    if (!name.starts_with("loop")) continue;
+    // Missing: the loop device is not bound to a file, or it went away meanwhile.
+    const std::optional<std::string> backing = ReadSysfs(sys_block + "/" + name + "/loop/backing_file");
+    if (!backing) continue;
+    if (std::any_of(devices.begin(), devices.end(),
+                    [&](const BlockDevice& d) { return *backing == d.path(); })) {
+      users->push_back("used by " + name + " (backed by " + *backing + ")");
+    }
+  }
+}
+
+// Whether `link`, a /proc/PID/fd entry, opens one of the devices. statx, not stat: stat
+// follows the link into the open file's own file system and has that revalidate the
+// attributes (NFS even writes back dirty pages first), which blocks for as long as a
+// hard-mounted NFS server or a FUSE daemon does not answer. Asked for the type only, with
+// AT_STATX_DONT_SYNC, the kernel answers from its cache; the device number of a special
+// file comes with every statx.
+bool OpensOneOf(const std::string& link, const std::vector<BlockDevice>& devices) {
+  struct statx sx {};
+  if (::statx(AT_FDCWD, link.c_str(), AT_STATX_DONT_SYNC, STATX_TYPE, &sx) != 0) return false;
+  if ((sx.stx_mask & STATX_TYPE) == 0 || !S_ISBLK(sx.stx_mode)) return false;
+  return IsOneOf(makedev(sx.stx_rdev_major, sx.stx_rdev_minor), devices);
+}
+
+// Whether a /proc/PID/maps line maps one of the devices: its path is the last field.
+bool MapsOneOf(std::string_view line, const std::vector<BlockDevice>& devices) {
+  return std::any_of(devices.begin(), devices.end(), [&](const BlockDevice& d) {
+    const std::string path = d.path();
+    return line.size() > path.size() && line.ends_with(path) && line[line.size() - path.size() - 1] == ' ';
+  });
+}
+
+// Other processes with the disk or a partition open (/proc/PID/fd) or mapped
+// (/proc/PID/maps). Reading maps takes the process's mmap lock for reading (killably): it
+// waits while the process holds that lock for writing, which an mmap or munmap does only
+// briefly unless the process is itself stuck. It is read anyway: a mapping whose
+// descriptor was closed shows nowhere else.
+void AddProcessUsers(const std::vector<BlockDevice>& devices, std::vector<std::string>* users) {
+  const std::string self = std::to_string(::getpid());
+  for (const std::string& pid : DirectoryNames("/proc")) {
+    if (pid == self || !ParseNumber<pid_t>(pid)) continue;
+    const std::string dir = "/proc/" + pid;
+    const std::vector<std::string> fds = DirectoryNames(dir + "/fd");
+    if (std::any_of(fds.begin(), fds.end(),
+                    [&](const std::string& fd) { return OpensOneOf(dir + "/fd/" + fd, devices); })) {
+      users->push_back("open in pid " + pid + " (" + ProcessName(pid) + ")");
+    }
+    std::ifstream maps(dir + "/maps");
     std::string line;
     while (std::getline(maps, line)) {
-      if (line.size() > path.size() && line.compare(line.size() - path.size(), path.size(), path) == 0 &&
-          line[line.size() - path.size() - 1] == ' ') {
+      if (MapsOneOf(line, devices)) {
         users->push_back("mapped by pid " + pid + " (" + ProcessName(pid) + ")");
         break;
       }
@@ -866,48 +1068,60 @@ void AddProcessUsers(const std::string& path, dev_t rdev, std::vector<std::strin
 }  // namespace
 
 Result<std::vector<std::string>> Device::Users() const {
-  struct stat st {};
-  if (::stat(path_.c_str(), &st) != 0) return SysError("stat " + path_);
-  if (!S_ISBLK(st.st_mode)) return Status(Code::kInternal, path_ + " is not a block device");
+  return UsersOf(index_, kSysBlock);
+}
+
+Result<std::vector<std::string>> Device::UsersOf(int index, const std::string& sys_block) {
+  MF_ASSIGN_OR_RETURN(const std::vector<BlockDevice> devices, DiskAndPartitions(sys_block, index));
   std::vector<std::string> users;
-  for (const std::string& point : MountPointsOf(st.st_rdev)) users.push_back("mounted at " + point);
-  if (IsSwapArea(path_)) users.push_back("swap area (swapon)");
-  std::error_code ec;
-  for (const auto& holder : std::filesystem::directory_iterator(SysBlock(index_) + "/holders", ec)) {
-    users.push_back("used by " + holder.path().filename().string());
+  for (const std::string& point : MountPointsOf(devices)) users.push_back("mounted at " + point);
+  for (const BlockDevice& d : devices) {
+    if (!IsSwapArea(d.path())) continue;
+    users.push_back(&d == &devices.front() ? "swap area (swapon)" : "swap area on " + d.path() + " (swapon)");
   }
-  AddProcessUsers(path_, st.st_rdev, &users);
+  AddHolders(sys_block, devices, &users);
+  AddLoopUsers(sys_block, devices, &users);
+  AddProcessUsers(devices, &users);
   if (users.empty()) {
-    // Mounts in other namespaces and O_EXCL openers show only as a refused exclusive open.
-    UniqueFd probe(::open(path_.c_str(), O_RDONLY | O_EXCL | O_CLOEXEC | O_NONBLOCK));
+    // Mounts in other namespaces and O_EXCL openers show only as a refused exclusive open
+    // (of the disk, which fails too while a partition is claimed).
+    const std::string path = devices.front().path();
+    UniqueFd probe(::open(path.c_str(), O_RDONLY | O_EXCL | O_CLOEXEC | O_NONBLOCK));
     if (!probe && errno == EBUSY) users.push_back("held exclusively (a mount or swap area elsewhere)");
   }
   return users;
 }
 
+Status Device::Disconnect() {
+  if (interface_ == DeviceInterface::kNetlink) {
+    MF_ASSIGN_OR_RETURN(Netlink netlink, Netlink::Open());
+    return netlink.Disconnect(index_);
+  }
+  // Fails only when the kernel refuses the request (so NBD_DO_IT goes on): the thread and
+  // its descriptor stay for another try.
+  if (::ioctl(ioctl_fd_.get(), NBD_DISCONNECT) != 0) return SysError("NBD_DISCONNECT " + path_);
+  do_it_.join();  // NBD_DO_IT returns once the device is down
+  ioctl_fd_.Reset();
+  return Status::Ok();
+}
+
 Status Device::Detach() {
+  MutexLock detaching(detach_mu_);
   {
     MutexLock lock(mu_);
     if (!attached_) return Status::Ok();
     attached_ = false;
   }
-  monitor_.reset();  // no more reconnects
-  Status disconnected = Status::Ok();
-  if (interface_ == DeviceInterface::kNetlink) {
-    Result<Netlink> netlink = Netlink::Open();
-    disconnected = netlink.ok() ? netlink->Disconnect(index_) : netlink.status();
-  } else {
-    if (::ioctl(ioctl_fd_.get(), NBD_DISCONNECT) == 0) {
-      do_it_.join();  // NBD_DO_IT returns once the device is down
-      ioctl_fd_.Reset();
-    } else {
-      // The thread may stay in NBD_DO_IT: leave it and its descriptor alone.
-      disconnected = SysError("NBD_DISCONNECT " + path_);
-      do_it_.detach();
-      (void)ioctl_fd_.Release();
-    }
+  if (Status disconnected = Disconnect(); !disconnected.ok()) {
+    // Still connected with live sockets, still served, and the monitor still replaces
+    // dropped connections: a later Detach() (or the destructor's) tries again.
+    MutexLock lock(mu_);
+    attached_ = true;
+    return disconnected.WithContext(path_ + " stays attached");
   }
-  MF_RETURN_IF_ERROR(disconnected);
+  monitor_.reset();  // nothing left to replace
+  // kBusy here leaves attached_ clear: the device is disconnected, and the kernel frees it
+  // once its holders close it.
   MF_RETURN_IF_ERROR(WaitFree(index_, options_.detach_timeout));
   spdlog::info("nbd: {} detached", path_);
   return Status::Ok();
