@@ -251,6 +251,13 @@ class Export::Connection final : public fabric::IoCallback {
   // Admits a WRITE or WRITE_ZEROES in the export-wide WriteFence (waiting for an overlapping
   // write in flight); false once the Export stops.
   bool AdmitWrite(Slot& s);
+  // After AdmitWrite, on a connection of the kernel's NBD driver (ServeTransmission):
+  // whether the kernel shut it down. It does so when it gives up on the connection, and
+  // fails its unanswered requests upward or re-sends them on another one; a write still
+  // read from the socket afterwards must not land after its re-sent copy and the writes
+  // made since. Then the write leaves the fence. Other clients may send DISC and close
+  // without waiting: their writes are still owed.
+  bool AbandonedByKernel(Slot& s);
   void PushCompleted(uint32_t index) MF_EXCLUDES(mu_);
 
   // For the connection's own threads, which run before Run() closes fd_ under fd_mu_.
@@ -370,6 +377,12 @@ void Export::Connection::Run() {
     MutexLock lock(fd_mu_);
     fd_.Reset();
   }
+  // Nothing is in flight any more. A finished Connection is freed only by the next
+  // connection's start or by Stop: until then it holds no buffers (they may be large, and
+  // registered with the NIC or locked in memory).
+  slots_.reset();
+  large_buffer_ = fabric::Buffer();
+  zero_buffer_ = fabric::Buffer();
   owner_.active_.fetch_sub(1);
   finished_.store(true, std::memory_order_release);
 }
@@ -803,6 +816,10 @@ Status Export::Connection::Transmission() {
             FailOrFinish(index, kEshutdown, "the server is shutting down");
             break;
           }
+          if (AbandonedByKernel(s)) {
+            FailOrFinish(index, kEio, "the client hung up");
+            break;
+          }
         }
         SubmitSplit(index, r.type == kCmdRead ? fabric::IoKind::kRead : fabric::IoKind::kWrite, r.offset,
                     r.length, false);
@@ -836,6 +853,10 @@ Status Export::Connection::Transmission() {
           FailOrFinish(index, kEshutdown, "the server is shutting down");
           break;
         }
+        if (AbandonedByKernel(s)) {
+          FailOrFinish(index, kEio, "the client hung up");
+          break;
+        }
         SubmitSplit(index, fabric::IoKind::kWrite, r.offset, r.length, true);
         break;
       }
@@ -864,6 +885,19 @@ bool Export::Connection::AdmitWrite(Slot& s) {
   return s.fence_ticket != 0;
 }
 
+bool Export::Connection::AbandonedByKernel(Slot& s) {
+  if (!entered_) return false;
+  bool hung_up = broken_.load(std::memory_order_relaxed);
+  if (!hung_up) {
+    pollfd p{fd(), 0, 0};
+    hung_up = ::poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR)) != 0;
+  }
+  if (!hung_up) return false;
+  owner_.write_fence_.Leave(s.fence_ticket);
+  s.fence_ticket = 0;
+  return true;
+}
+
 void Export::Connection::PushCompleted(uint32_t index) {
   Slot& s = slots_[index];
   if (s.fence_ticket != 0) {
@@ -873,15 +907,15 @@ void Export::Connection::PushCompleted(uint32_t index) {
   // Large read replies go to the writer, so that sending one overlaps reading the next.
   const bool large_reply = s.request.type == kCmdRead && s.data.size() > kMaxInlineReply;
   const bool on_reader = !large_reply && std::this_thread::get_id() == reader_id_;
-  {
-    MutexLock lock(mu_);
-    completed_[(completed_head_ + completed_count_) % depth_] = index;
-    ++completed_count_;
-    if (on_reader) {
-      inline_pending_ = true;
-      return;
-    }
+  MutexLock lock(mu_);
+  completed_[(completed_head_ + completed_count_) % depth_] = index;
+  ++completed_count_;
+  if (on_reader) {
+    inline_pending_ = true;
+    return;
   }
+  // Under the lock: once it is released the writer may answer this slot, the connection
+  // finish and be freed while a Remote's thread would still be about to notify.
   completed_cv_.notify_one();
 }
 
@@ -1257,11 +1291,17 @@ void Export::ReapFinished() {
         ++it;
       }
     }
+    if (done.empty()) return;
+    ++reaping_;
   }
   done.clear();  // joins their threads outside the lock
+  MutexLock lock(mu_);
+  --reaping_;
+  reaped_cv_.notify_all();
 }
 
 void Export::Stop() {
+  MutexLock stopping(stop_mu_);  // a second Stop returns once the first is done
   std::list<std::unique_ptr<Listener>> listeners;
   std::list<std::unique_ptr<Connection>> connections;
   {
@@ -1283,6 +1323,9 @@ void Export::Stop() {
   // replies is dropped after send_timeout), then each connection closes.
   for (auto& c : connections) c->StopReading();
   connections.clear();  // joins
+  // Connections another thread took to free (ReapFinished) still hold the Remotes' buffers.
+  MutexLock lock(mu_);
+  reaped_cv_.wait(mu_, [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return reaping_ == 0; });
 }
 
 ExportStats Export::stats() const {

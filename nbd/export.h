@@ -25,6 +25,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <list>
 #include <memory>
@@ -127,7 +128,7 @@ class Export {
   // connection is closed and every thread joined. A client still in the handshake gets
   // NBD_REP_ERR_SHUTDOWN for options already sent (EXPORT_NAME: closed without a reply).
   // Idempotent.
-  void Stop();
+  void Stop() MF_EXCLUDES(stop_mu_, mu_);
 
   ExportStats stats() const;
 
@@ -163,6 +164,9 @@ class Export {
   std::vector<ExportSpec> exports_ MF_GUARDED_BY(mu_);
   std::list<std::unique_ptr<Listener>> listeners_ MF_GUARDED_BY(mu_);
   std::list<std::unique_ptr<Connection>> connections_ MF_GUARDED_BY(mu_);
+  int reaping_ MF_GUARDED_BY(mu_) = 0;  // ReapFinished calls freeing connections outside mu_
+  std::condition_variable_any reaped_cv_;
+  Mutex stop_mu_;  // one Stop at a time
   std::atomic<uint64_t> next_connection_id_{1};
   // Counters (ExportStats).
   std::atomic<uint64_t> accepted_{0};

@@ -555,6 +555,30 @@ TEST_F(NbdExportTest, WriteResentOnAnotherConnectionNeverLandsAfterIt) {
   exporter.Stop();
 }
 
+// The kernel's NBD driver gives up on a connection (its I/O timeout) by shutting it down,
+// and re-sends what was unanswered on another one. A write it had sent that the Export
+// reads from the socket only afterwards (the reader was waiting for a slot) must not land:
+// the re-sent copy, and writes made since, may already have.
+TEST_F(NbdExportTest, WriteReadAfterTheKernelHungUpIsNotApplied) {
+  DelayOneWriteRemote slow(region_, 0, std::chrono::milliseconds(300));
+  ExportOptions options;
+  options.queue_depth = 1;  // the second write waits, unread, for the first one's slot
+  Export exporter(options);
+  NBD_ASSERT_OK(exporter.Add({"disk", "", &slow, false}));
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  NBD_ASSERT_OK(exporter.ServeTransmission(UniqueFd(sv[0]), "disk"));
+  RawClient kernel{UniqueFd(sv[1])};
+  NBD_ASSERT_OK(kernel.SendRequest({0, kCmdWrite, 1, 0, 4}, Bytes("AAAA")));  // held at the Remote
+  NBD_ASSERT_OK(kernel.SendRequest({0, kCmdWrite, 2, 8192, 4}, Bytes("SSSS")));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ASSERT_EQ(::shutdown(kernel.fd(), SHUT_RDWR), 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // the first write completes
+  exporter.Stop();
+  EXPECT_EQ(std::memcmp(region_->data(), "AAAA", 4), 0);
+  EXPECT_NE(std::memcmp(region_->data() + 8192, "SSSS", 4), 0) << "a write read after the hang-up landed";
+}
+
 TEST_F(NbdExportTest, StopAnswersRequestsInFlight) {
   RawClient c = Connect();
   NBD_ASSERT_OK(c.Negotiate("disk", false));
