@@ -33,6 +33,9 @@ constexpr std::chrono::microseconds kProtectRetryDelay{200};
 constexpr int kMaxSyncPulls = 100;
 // Sync copies dirty chunks into their push slots this many to a call at most.
 constexpr size_t kCopyBatch = 16;
+// /proc/self/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
+constexpr uint64_t kPagemapPresent = uint64_t{1} << 63;
+constexpr uint64_t kPagemapSwapped = uint64_t{1} << 62;
 
 void* PageOf(uint64_t address) {
   return reinterpret_cast<void*>(address & ~uint64_t{kPageSize - 1});
@@ -176,7 +179,7 @@ Status Mapping::Init() {
   MF_ASSIGN_OR_RETURN(Userfaultfd uffd, Userfaultfd::Open(wanted));
   uffd_.emplace(std::move(uffd));
 
-  if (tracking_ == WriteTracking::kAsync) {
+  if (tracking_ != WriteTracking::kOff) {
     pagemap_fd_.Reset(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
     if (!pagemap_fd_) return Status::FromErrno(errno, "open /proc/self/pagemap");
   }
@@ -423,13 +426,12 @@ void Mapping::HandleRemove(uint64_t start, uint64_t end) {
   for (uint64_t c = (start - base) / chunk_size_; c <= (end - 1 - base) / chunk_size_; ++c) {
     // The pages are gone: the next touch pulls them again. Pages of the chunk outside the
     // range stay, and the re-pull skips them (Sync pulls a dirty chunk so left too).
+    // A written chunk stays dirty: MADV_FREE leaves its pages in place, and madvise returns
+    // once this event is read, not handled, so a write in between may already be in a
+    // page (unprotected since its chunk's first write, or seen and protected again by a
+    // Sync's scan meanwhile). Sync skips a dirty chunk none of whose pages are left
+    // (KeepIfPagesLeft).
     chunks_.Drop(c);
-    // Sync tracking keeps a written chunk dirty. MADV_FREE leaves its pages in place,
-    // unprotected since their first write, and madvise returns once this event is read, not
-    // handled: a write in between would neither fault nor mark the chunk if it were
-    // forgotten here. A dirty chunk whose pages did go is pulled back by Sync and pushed
-    // unchanged, which is harmless. Async tracking forgets: its next scan sees such a write.
-    if (tracking_ != WriteTracking::kSync) ForgetWritesIfWhollyIn(c, start, end);
   }
 }
 
@@ -786,10 +788,10 @@ Status Mapping::ScanWritten(uint64_t start, uint64_t end) {
     if (n < 0) {
       if (errno == EINTR) continue;
       // The scan may have protected pages again before it failed, without saying which:
-      // their writes are kept by marking every chunk left to scan that can hold any.
+      // their writes are kept by marking every chunk left to scan.
       const Status failed = Status::FromErrno(errno, "PAGEMAP_SCAN");
       for (uint64_t c = (start - base) / chunk_size_; c <= (end - 1 - base) / chunk_size_; ++c) {
-        if (chunks_.state(c) != fabric::ChunkState::kRemote) chunks_.SetDirty(c, true);
+        chunks_.SetDirty(c, true);  // Sync skips those with no pages (KeepIfPagesLeft)
       }
       return failed;
     }
@@ -828,6 +830,7 @@ Status Mapping::Sync() {
   copies.reserve(kCopyBatch);
   for (uint64_t chunk = 0; chunk < chunks_.size(); ++chunk) {
     if (!chunks_.dirty(chunk)) continue;
+    if (chunks_.state(chunk) != fabric::ChunkState::kLocal && !KeepIfPagesLeft(chunk)) continue;
     // A chunk still being pulled (written in pieces that arrived, or re-pulled after a
     // MADV_DONTNEED) is read only once its pull has ended: its last pieces may fail. One
     // with pages missing (dropped, or a pull given back) is pulled first: reading a missing
@@ -989,6 +992,31 @@ Status Mapping::ProtectForPush(uint64_t chunk, const std::vector<std::pair<uint6
     counters_.protect_retries.fetch_add(1, std::memory_order_relaxed);
     std::this_thread::sleep_for(kProtectRetryDelay);
   }
+}
+
+bool Mapping::KeepIfPagesLeft(uint64_t chunk) {
+  const bool failed = chunks_.state(chunk) == fabric::ChunkState::kFailed;
+  MutexLock lock(stripes_[chunk % kLockStripes]);  // a write fault marks it dirty again after this
+  chunks_.SetDirty(chunk, false);
+  const auto start = reinterpret_cast<uint64_t>(ChunkAddress(chunk));
+  uint64_t entries[kMaxChunkSize / kPageSize];
+  for (const auto& [from, to] : MappedSegments(start, start + ChunkLength(chunk))) {
+    const size_t pages = (to - from) / kPageSize;
+    const ssize_t n = ::pread(pagemap_fd_.get(), entries, pages * sizeof(uint64_t),
+                              static_cast<off_t>(from / kPageSize * sizeof(uint64_t)));
+    bool left = n != static_cast<ssize_t>(pages * sizeof(uint64_t));  // cannot tell: keep it
+    for (size_t i = 0; i < pages && !left; ++i) {
+      // A page swapped out still holds its writes. A failed chunk's poisoned pages look
+      // swapped too, so there only present ones count (a written page of it swapped out
+      // is missed: it could not be pushed either way).
+      left = (entries[i] & kPagemapPresent) != 0 || (!failed && (entries[i] & kPagemapSwapped) != 0);
+    }
+    if (left) {
+      chunks_.SetDirty(chunk, true);
+      return true;
+    }
+  }
+  return false;
 }
 
 Status Mapping::PullForSync(uint64_t chunk) {

@@ -196,8 +196,8 @@ class Mapping {
   void HandleWriteProtect(uint64_t address) MF_EXCLUDES(mu_);
   void HandleRemove(uint64_t start, uint64_t end);
   void HandleUnmap(uint64_t start, uint64_t end) MF_EXCLUDES(mu_);
-  // Dropped or unmapped pages [start, end) covering the whole chunk took its unsynced
-  // writes with them: it leaves the dirty set (nothing to push).
+  // Unmapped pages [start, end) covering the whole chunk took its unsynced writes with
+  // them: it leaves the dirty set (nothing to push).
   void ForgetWritesIfWhollyIn(uint64_t chunk, uint64_t start, uint64_t end);
   void PrefetchLoop() MF_EXCLUDES(mu_);
   void SyncLoop() MF_EXCLUDES(mu_);
@@ -259,6 +259,10 @@ class Mapping {
   // caller checks which); the pull's error, naming the chunk, when it failed (the chunk is
   // remote again, its waiters fault again); kAborted once the Mapping is stopping.
   Status PullForSync(uint64_t chunk) MF_EXCLUDES(mu_);
+  // Sync, for a dirty chunk that is not local (its pages dropped, maybe not all, or a pull
+  // failed): whether any page of it is left to hold writes (present, or swapped out). If
+  // none is, it leaves the dirty set: the writes went with the pages.
+  bool KeepIfPagesLeft(uint64_t chunk) MF_EXCLUDES(mu_);
   // Pushes, synchronously, the still-mapped pages of a chunk partly unmapped.
   Status PushCutChunk(uint64_t chunk) MF_EXCLUDES(mu_);
   // Asks the kernel which pages were written (and re-protects them): of the whole range,
@@ -279,7 +283,7 @@ class Mapping {
 
   std::optional<Userfaultfd> uffd_;
   UniqueFd wake_fd_;     // eventfd: wakes the fault thread (pending faults, shutdown)
-  UniqueFd pagemap_fd_;  // /proc/self/pagemap, for PAGEMAP_SCAN
+  UniqueFd pagemap_fd_;  // /proc/self/pagemap: PAGEMAP_SCAN, and KeepIfPagesLeft's reads
   MappedMemory memory_;
   std::byte* base_ = nullptr;
   fabric::Buffer pull_buffer_;  // fault_depth slots of chunk_size, prefetch_depth of run_chunks_

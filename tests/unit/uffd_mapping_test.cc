@@ -631,6 +631,49 @@ TEST(Mapping, FailedPullOfAChunkNeverWrittenDoesNotFailSync) {
   EXPECT_TRUE((*m)->Close().ok());
 }
 
+// A written chunk dropped whole with MADV_DONTNEED stays dirty (a write may follow the drop
+// at once), but Sync finds none of its pages left and skips it: no pull, no push. Nor may a
+// later failed pull of it (the server away for a moment) fail every Sync after.
+TEST(Mapping, DroppedDirtyChunkIsSkippedBySyncEvenAfterAFailedPull) {
+  constexpr size_t kChunk = 64u << 10;
+  for (WriteTracking tracking : {WriteTracking::kSync, WriteTracking::kAsync}) {
+    if (tracking == WriteTracking::kAsync && !KernelHasAsyncWp()) continue;
+    SCOPED_TRACE(tracking == WriteTracking::kSync ? "sync tracking" : "async tracking");
+    auto region = std::make_shared<MemoryRegion>("dropped", 1u << 20);
+    FillPattern(region->bytes(), 29);
+    const std::vector<std::byte> before(region->bytes().begin(), region->bytes().end());
+    FaultyRemote remote(region, true);
+    MappingOptions o;
+    o.chunk_size = kChunk;
+    o.prefetch = false;
+    o.tracking = tracking;
+    auto m = Mapping::Create(remote, o);
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    std::byte* c = (*m)->data() + 2 * kChunk;
+    std::memset(c, 0x61, kChunk);
+    ASSERT_EQ(::madvise(c, kChunk, MADV_DONTNEED), 0);
+    const uint64_t pulls = (*m)->stats().pulls;
+    Status synced = (*m)->Sync();
+    ASSERT_TRUE(synced.ok()) << synced.ToString();
+    EXPECT_EQ((*m)->stats().pulls, pulls) << "Sync pulled back a chunk with no pages left";
+    EXPECT_EQ((*m)->stats().dirty_chunks, 0u);
+    EXPECT_EQ(std::memcmp(region->data(), before.data(), before.size()), 0);
+
+    std::memset(c, 0x62, kChunk);
+    ASSERT_EQ(::madvise(c, kChunk, MADV_DONTNEED), 0);
+    remote.fail_reads = true;
+    std::byte copy[64];
+    iovec local{copy, sizeof(copy)};
+    iovec far{c, sizeof(copy)};
+    EXPECT_EQ(::process_vm_readv(::getpid(), &local, 1, &far, 1, 0), -1);  // its pull fails
+    remote.fail_reads = false;
+    synced = (*m)->Sync();
+    EXPECT_TRUE(synced.ok()) << synced.ToString();
+    EXPECT_EQ(std::memcmp(region->data(), before.data(), before.size()), 0);
+    EXPECT_TRUE((*m)->Close().ok());
+  }
+}
+
 // A chunk partly present (some pages dropped with MADV_DONTNEED) whose re-pull fails: the
 // missing pages must raise SIGBUS, not fault forever.
 TEST(MappingDeathTest, FailedRepullOfAPartlyPresentChunkRaisesSigbus) {
