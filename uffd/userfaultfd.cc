@@ -75,22 +75,44 @@ Status Userfaultfd::Unregister(void* addr, size_t len) {
   return Ioctl(fd(), UFFDIO_UNREGISTER, &range, "UFFDIO_UNREGISTER");
 }
 
-// Fills [addr, addr+len) with `attempt(offset)`, an ioctl over [addr+offset, addr+len)
-// that returns 0 or an errno and adds the bytes it filled before failing to *progress.
-// Pages already present (EEXIST) are skipped, and the range's waiters are woken at the
-// end, since a skipped page's waiter is not woken by the ioctl. EAGAIN is retried
-// kMaxFillRetriesOnEagain times, then returned.
+// Fills [addr, addr+len) with `attempt(offset, length)`, an ioctl over [addr+offset,
+// addr+offset+length) that returns 0 or an errno and adds the bytes it filled before
+// failing to *progress. Pages already present (EEXIST) are skipped, and the range's
+// waiters are woken at the end, since a skipped page's waiter is not woken by the ioctl.
+// EAGAIN is retried kMaxFillRetriesOnEagain times, then returned. The kernel fills within
+// one VMA only (ENOENT otherwise): a range the program split (mprotect, mlock or madvise of
+// part of it) is filled page by page, and ENOENT is returned only for a page that is not
+// registered at all (unmapped), after every other page is filled.
 template <typename Attempt>
 Status Userfaultfd::FillSkippingPresent(void* addr, size_t len, const char* what, Attempt attempt) {
   size_t done = 0;
   bool skipped = false;
+  bool by_page = false;
+  bool missing = false;  // by_page: a page was not registered
   int eagain_retries = 0;
   while (done < len) {
     int64_t progress = 0;
-    const int err = attempt(done, &progress);
-    if (err == 0) break;
+    const size_t span = by_page ? kPageSize : len - done;
+    const int err = attempt(done, span, &progress);
+    if (err == 0) {
+      if (!by_page) break;
+      done += span;
+      continue;
+    }
     if (progress > 0) done += static_cast<size_t>(progress);
     if (err == EINTR) continue;
+    if (err == ENOENT && progress <= 0) {
+      if (!by_page && span > kPageSize) {
+        by_page = true;  // more than one VMA, or a hole: find out page by page
+        continue;
+      }
+      if (by_page) {
+        missing = true;
+        done += kPageSize;
+        skipped = true;
+        continue;
+      }
+    }
     if (err == EAGAIN) {
       if (++eagain_retries > kMaxFillRetriesOnEagain) {
         if (skipped) (void)Wake(addr, len);
@@ -106,17 +128,19 @@ Status Userfaultfd::FillSkippingPresent(void* addr, size_t len, const char* what
     done = AlignUp(done + 1, kPageSize);  // the page at `done` is present: next one
     skipped = true;
   }
-  return skipped ? Wake(addr, len) : Status::Ok();
+  Status woken = skipped ? Wake(addr, len) : Status::Ok();
+  if (missing) return Status::FromErrno(ENOENT, what);
+  return woken;
 }
 
 Status Userfaultfd::Copy(void* dst, const void* src, size_t len, bool write_protect) {
   auto* d = static_cast<std::byte*>(dst);
   const auto* s = static_cast<const std::byte*>(src);
-  return FillSkippingPresent(dst, len, "UFFDIO_COPY", [&](size_t done, int64_t* progress) {
+  return FillSkippingPresent(dst, len, "UFFDIO_COPY", [&](size_t done, size_t span, int64_t* progress) {
     uffdio_copy copy{};
     copy.dst = reinterpret_cast<uintptr_t>(d + done);
     copy.src = reinterpret_cast<uintptr_t>(s + done);
-    copy.len = len - done;
+    copy.len = span;
     copy.mode = write_protect ? UFFDIO_COPY_MODE_WP : 0;
     if (::ioctl(fd(), UFFDIO_COPY, &copy) == 0) return 0;
     *progress = copy.copy;
@@ -125,11 +149,25 @@ Status Userfaultfd::Copy(void* dst, const void* src, size_t len, bool write_prot
 }
 
 Status Userfaultfd::WriteProtect(void* addr, size_t len, bool protect) {
-  uffdio_writeprotect wp{};
-  wp.range.start = reinterpret_cast<uintptr_t>(addr);
-  wp.range.len = len;
-  wp.mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0;
-  return Ioctl(fd(), UFFDIO_WRITEPROTECT, &wp, "UFFDIO_WRITEPROTECT");
+  auto one = [&](std::byte* at, size_t span) {
+    uffdio_writeprotect wp{};
+    wp.range.start = reinterpret_cast<uintptr_t>(at);
+    wp.range.len = span;
+    wp.mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0;
+    return Ioctl(fd(), UFFDIO_WRITEPROTECT, &wp, "UFFDIO_WRITEPROTECT");
+  };
+  auto* a = static_cast<std::byte*>(addr);
+  Status s = one(a, len);
+  if (s.err() != ENOENT || len <= kPageSize) return s;
+  // Kernels before 6.5 protect within one VMA only: a range the program split is done page
+  // by page; ENOENT stays for a page not registered at all.
+  Status result;
+  for (size_t done = 0; done < len; done += kPageSize) {
+    Status page = one(a + done, kPageSize);
+    if (page.err() == EAGAIN) return page;
+    if (!page.ok() && result.ok()) result = page;
+  }
+  return result;
 }
 
 Status Userfaultfd::Wake(void* addr, size_t len) {
@@ -139,10 +177,10 @@ Status Userfaultfd::Wake(void* addr, size_t len) {
 
 Status Userfaultfd::Poison(void* addr, size_t len) {
   auto* a = static_cast<std::byte*>(addr);
-  return FillSkippingPresent(addr, len, "UFFDIO_POISON", [&](size_t done, int64_t* progress) {
+  return FillSkippingPresent(addr, len, "UFFDIO_POISON", [&](size_t done, size_t span, int64_t* progress) {
     uffdio_poison poison{};
     poison.range.start = reinterpret_cast<uintptr_t>(a + done);
-    poison.range.len = len - done;
+    poison.range.len = span;
     if (::ioctl(fd(), UFFDIO_POISON, &poison) == 0) return 0;
     *progress = poison.updated;
     return errno;

@@ -40,11 +40,14 @@ class Userfaultfd final {
   // (remove, unmap, remap) waits unread in the userfaultfd the kernel refuses with EAGAIN:
   // retried a bounded number of times, then returned (err() == EAGAIN), so that a caller
   // on the thread that reads the events does not spin forever; the caller wakes the
-  // waiters to fault again. Other errors keep their errno (ENOENT: the range is no longer
-  // registered; ESRCH: the process is exiting).
+  // waiters to fault again. A range the program split into several VMAs is filled page by
+  // page. Other errors keep their errno (ENOENT: part of the range is no longer
+  // registered, and the rest was filled; ESRCH: the process is exiting).
   Status Copy(void* dst, const void* src, size_t len, bool write_protect);
-  // UFFDIO_WRITEPROTECT: protect (true) or unprotect-and-wake (false). EAGAIN (an event
-  // waits unread) is returned at once, not retried.
+  // UFFDIO_WRITEPROTECT: protect (true) or unprotect-and-wake (false), page by page over a
+  // range split into several VMAs where the kernel needs that. EAGAIN (an event waits
+  // unread) is returned at once, not retried; ENOENT when part of the range is not
+  // registered (the rest is done).
   Status WriteProtect(void* addr, size_t len, bool protect);
   Status Wake(void* addr, size_t len);
   // UFFDIO_POISON (kernel >= 6.6): later accesses to the pages not present get SIGBUS;

@@ -674,6 +674,43 @@ TEST(Mapping, DroppedDirtyChunkIsSkippedBySyncEvenAfterAFailedPull) {
   }
 }
 
+// The program splits a chunk into several VMAs (mprotect of one page). The kernel fills and
+// (before 6.5) write-protects within one VMA only: the pull's install failed with ENOENT,
+// was given back, and the fault came back forever. Reads are served, and writes tracked.
+TEST(MappingDeathTest, ChunkSplitIntoSeveralVmasIsServedAndTracked) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  constexpr size_t kChunk = 64u << 10;
+  auto region = std::make_shared<MemoryRegion>("split", 1u << 20);
+  FillPattern(region->bytes(), 31);
+  for (WriteTracking tracking : {WriteTracking::kSync, WriteTracking::kAsync}) {
+    if (tracking == WriteTracking::kAsync && !KernelHasAsyncWp()) continue;
+    SCOPED_TRACE(tracking == WriteTracking::kSync ? "sync tracking" : "async tracking");
+    EXPECT_EXIT(
+        {
+          ::alarm(20);  // the old livelock ends as SIGALRM
+          MemoryRemote remote(region, true);
+          MappingOptions o;
+          o.chunk_size = kChunk;
+          o.prefetch = false;
+          o.tracking = tracking;
+          auto m = Mapping::Create(remote, o);
+          if (!m.ok()) _exit(3);
+          std::byte* p = (*m)->data();
+          if (::mprotect(p + (16u << 10), kPageSize, PROT_READ) != 0) _exit(4);
+          if (std::memcmp(p, region->data(), kChunk) != 0) _exit(5);  // pulls the split chunk
+          p[100] = std::byte{0x71};
+          p[kChunk - 1] = std::byte{0x72};
+          if (!(*m)->Sync().ok()) _exit(6);
+          if (region->data()[100] != std::byte{0x71} || region->data()[kChunk - 1] != std::byte{0x72})
+            _exit(7);
+          p[200] = std::byte{0x73};  // tracked again after the push
+          if (!(*m)->Close().ok()) _exit(8);
+          _exit(region->data()[200] == std::byte{0x73} ? 0 : 9);
+        },
+        ::testing::ExitedWithCode(0), "");
+  }
+}
+
 // A chunk partly present (some pages dropped with MADV_DONTNEED) whose re-pull fails: the
 // missing pages must raise SIGBUS, not fault forever.
 TEST(MappingDeathTest, FailedRepullOfAPartlyPresentChunkRaisesSigbus) {
