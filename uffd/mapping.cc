@@ -27,6 +27,9 @@ constexpr std::chrono::microseconds kMaxSpinForReply{2000};
 // userfaultfd; the fault thread reads it soon, so Sync retries this often, this far apart.
 constexpr int kMaxProtectRetries = 1000;
 constexpr std::chrono::microseconds kProtectRetryDelay{200};
+// Sync's PAGEMAP_SCAN refused (EPERM) because the program mapped over part of the range is
+// tried again this many times, kProtectRetryDelay apart, once the hole is known.
+constexpr int kMaxScanRetries = 100;
 // Sync's pull of a dirty chunk that is not local is started again when it ends without
 // making the chunk local (pages dropped meanwhile, or an install given back), at most this
 // many times.
@@ -759,12 +762,20 @@ void Mapping::OnPushDone(size_t slot, const Status& piece_status) {
 
 Status Mapping::ScanWritten() {
   const auto base = reinterpret_cast<uint64_t>(base_);
-  // Holes the program unmapped are skipped: whatever it maps there later is not ours, and
-  // PM_SCAN_CHECK_WPASYNC would refuse the scan.
-  for (const auto& [from, to] : MappedSegments(base, base + size_)) {
-    MF_RETURN_IF_ERROR(ScanWritten(from, to));
+  for (int attempt = 0;; ++attempt) {
+    // Holes the program unmapped are skipped: whatever it maps there later is not ours, and
+    // PM_SCAN_CHECK_WPASYNC would refuse the scan.
+    Status s;
+    for (const auto& [from, to] : MappedSegments(base, base + size_)) {
+      s = ScanWritten(from, to);
+      if (!s.ok()) break;
+    }
+    // EPERM: the program mapped something over the range since; the hole is known once
+    // the fault thread has handled that event, which may not even be queued yet.
+    if (s.err() != EPERM || attempt == kMaxScanRetries) return s;
+    WaitForReadEvents();
+    std::this_thread::sleep_for(kProtectRetryDelay);
   }
-  return Status::Ok();
 }
 
 Status Mapping::ScanWritten(uint64_t start, uint64_t end) {
@@ -927,15 +938,62 @@ void Mapping::CopyAndPush(std::vector<PendingCopy>& copies) {
     const auto [chunk, slot] = copies[i];
     if (cut_chunks_[chunk].load(std::memory_order_acquire)) {
       PushCutChunkInstead(slot, chunk);
-    } else if (!copied[i].ok()) {
+      continue;
+    }
+    if (!copied[i].ok()) {
       // Pages dropped under the copy that could not be pulled back (the server is gone).
       // The chunk stays dirty; the next Sync pulls it first.
       FailPush(slot, copied[i].WithContext("chunk " + std::to_string(chunk)));
-    } else {
-      StartPush(chunk, slot);
+      continue;
     }
+    // mmap(MAP_FIXED) over part of the chunk during the copy: its event may not even be
+    // queued yet, but the kernel sees the new mapping.
+    const auto start = reinterpret_cast<uint64_t>(ChunkAddress(chunk));
+    Status ours = StillRegistered(start, start + ChunkLength(chunk));
+    if (ours.err() == ENOENT || ours.err() == EPERM) {
+      if (UnmappedMeanwhile(chunk)) {
+        PushCutChunkInstead(slot, chunk);
+        continue;
+      }
+    }
+    if (!ours.ok()) {
+      FailPush(slot, ours.WithContext("chunk " + std::to_string(chunk) + " changed while Sync copied it"));
+      continue;
+    }
+    StartPush(chunk, slot);
   }
   copies.clear();
+}
+
+Status Mapping::StillRegistered(uint64_t start, uint64_t end) {
+  if (tracking_ == WriteTracking::kAsync) {
+    // A scan that matches no page (none is without WPALLOWED) walks the whole range, and
+    // PM_SCAN_CHECK_WPASYNC fails it (EPERM) on a mapping that is not ours.
+    page_region region{};
+    pm_scan_arg arg{};
+    arg.size = sizeof(arg);
+    arg.flags = PM_SCAN_CHECK_WPASYNC;
+    arg.start = start;
+    arg.end = end;
+    arg.vec = reinterpret_cast<uint64_t>(&region);
+    arg.vec_len = 1;
+    arg.category_inverted = PAGE_IS_WPALLOWED;
+    arg.category_mask = PAGE_IS_WPALLOWED;
+    arg.return_mask = PAGE_IS_WPALLOWED;
+    for (;;) {
+      if (::ioctl(pagemap_fd_.get(), PAGEMAP_SCAN, &arg) >= 0) return Status::Ok();
+      if (errno != EINTR) return Status::FromErrno(errno, "PAGEMAP_SCAN");
+    }
+  }
+  // Protecting again what ProtectForPush protected changes nothing of ours (a write since
+  // has marked its chunk dirty, and faults again) and fails (ENOENT) on a mapping that is
+  // not registered, or (EAGAIN) while an event waits unread: once it is read, try again.
+  for (int attempt = 0;; ++attempt) {
+    Status s = uffd_->WriteProtect(reinterpret_cast<void*>(start), end - start, true);
+    if (s.err() != EAGAIN || attempt == kMaxProtectRetries) return s;
+    counters_.protect_retries.fetch_add(1, std::memory_order_relaxed);
+    std::this_thread::sleep_for(kProtectRetryDelay);
+  }
 }
 
 void Mapping::WaitForReadEvents() {
@@ -1075,6 +1133,9 @@ Status Mapping::PushCutChunk(uint64_t chunk) {
   for (const auto& [from, to] : segments) {
     bytes.resize(to - from);
     Status s = CopyFromMapping(bytes.data(), reinterpret_cast<const std::byte*>(from), bytes.size());
+    // Mapped over during the copy (see CopyAndPush): not pushed, and the chunk stays dirty
+    // for the next Sync, which knows the new hole.
+    if (s.ok()) s = StillRegistered(from, to);
     if (s.ok()) s = fabric::WriteAt(remote_, chunk * chunk_size_ + (from - start), bytes);
     if (!s.ok()) {
       chunks_.SetDirty(chunk, true);

@@ -216,6 +216,10 @@ class Mapping {
   // Returns once the events the fault thread has read are handled: the holes of every
   // munmap or mmap that returned before the call are then known.
   void WaitForReadEvents() MF_EXCLUDES(events_mu_);
+  // After Sync copied [start, end): OK when it is still all the program's mapping of the
+  // region, registered with us; ENOENT or EPERM when the program mapped something else over
+  // part of it (maybe before the event of that is even queued); other errors as they come.
+  Status StillRegistered(uint64_t start, uint64_t end);
   // Whether `chunk` was unmapped, whole or in part, by a munmap or mmap that has returned.
   bool UnmappedMeanwhile(uint64_t chunk) MF_EXCLUDES(events_mu_);
   // A chunk found unmapped (whole or in part) after it took push slot `slot`: gives the
