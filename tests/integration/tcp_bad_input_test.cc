@@ -145,7 +145,8 @@ TEST_F(TcpBadInput, WrongVersionNamesBoth) {
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   EXPECT_EQ(server.status, Code::kUnsupported);
   EXPECT_NE(server.message.find("version 99"), std::string::npos) << server.message;
-  EXPECT_NE(server.message.find(fmt::format("version {}", wire::kVersion)), std::string::npos) << server.message;
+  EXPECT_NE(server.message.find(fmt::format("version {}", wire::kVersion)), std::string::npos)
+      << server.message;
   EXPECT_TRUE(raw.ClosedByServer());
   ExpectHealthy();
 }

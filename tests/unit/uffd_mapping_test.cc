@@ -38,6 +38,12 @@ bool KernelHasAsyncWp() {
   return features.ok() && (*features & UFFD_FEATURE_WP_ASYNC) != 0;
 }
 
+// The write trackings to test on this kernel: sync always, async where it has it.
+std::vector<WriteTracking> AvailableTrackings() {
+  if (KernelHasAsyncWp()) return {WriteTracking::kSync, WriteTracking::kAsync};
+  return {WriteTracking::kSync};
+}
+
 // A Remote over MemoryRemote that can fail its n-th AllocateBuffer, fail reads (as a server
 // gone would; writes still succeed), complete reads with
 // staging pages made unreadable (so UFFDIO_COPY fails with EFAULT), or hold reads until
@@ -636,9 +642,8 @@ TEST(Mapping, FailedPullOfAChunkNeverWrittenDoesNotFailSync) {
 // later failed pull of it (the server away for a moment) fail every Sync after.
 TEST(Mapping, DroppedDirtyChunkIsSkippedBySyncEvenAfterAFailedPull) {
   constexpr size_t kChunk = 64u << 10;
-  for (WriteTracking tracking : {WriteTracking::kSync, WriteTracking::kAsync}) {
-    if (tracking == WriteTracking::kAsync && !KernelHasAsyncWp()) continue;
-    SCOPED_TRACE(tracking == WriteTracking::kSync ? "sync tracking" : "async tracking");
+  for (WriteTracking tracking : AvailableTrackings()) {
+    SCOPED_TRACE(std::string(WriteTrackingName(tracking)));
     auto region = std::make_shared<MemoryRegion>("dropped", 1u << 20);
     FillPattern(region->bytes(), 29);
     const std::vector<std::byte> before(region->bytes().begin(), region->bytes().end());
@@ -682,9 +687,8 @@ TEST(MappingDeathTest, ChunkSplitIntoSeveralVmasIsServedAndTracked) {
   constexpr size_t kChunk = 64u << 10;
   auto region = std::make_shared<MemoryRegion>("split", 1u << 20);
   FillPattern(region->bytes(), 31);
-  for (WriteTracking tracking : {WriteTracking::kSync, WriteTracking::kAsync}) {
-    if (tracking == WriteTracking::kAsync && !KernelHasAsyncWp()) continue;
-    SCOPED_TRACE(tracking == WriteTracking::kSync ? "sync tracking" : "async tracking");
+  for (WriteTracking tracking : AvailableTrackings()) {
+    SCOPED_TRACE(std::string(WriteTrackingName(tracking)));
     EXPECT_EXIT(
         {
           ::alarm(20);  // the old livelock ends as SIGALRM
@@ -976,8 +980,7 @@ TEST(MappingDeathTest, SyncOfAPartlyDroppedChunkWithTheServerFailingReturnsAnErr
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   auto region = std::make_shared<MemoryRegion>("dropped", 1u << 20);
   FillPattern(region->bytes(), 19);
-  for (WriteTracking tracking : {WriteTracking::kSync, WriteTracking::kAsync}) {
-    if (tracking == WriteTracking::kAsync && !KernelHasAsyncWp()) continue;
+  for (WriteTracking tracking : AvailableTrackings()) {
     SCOPED_TRACE(std::string(WriteTrackingName(tracking)));
     EXPECT_EXIT(
         {
@@ -1063,8 +1066,7 @@ TEST(MappingDeathTest, PagesDroppedUnderSyncsCopyAreAnErrorNotASigbus) {
 // its own over it: Sync neither fails nor pushes those bytes over the region's.
 TEST(Mapping, ChunkUnmappedOrMappedOverWhileSyncWaitsIsNotPushed) {
   constexpr size_t kChunk = 64u << 10;
-  for (WriteTracking tracking : {WriteTracking::kSync, WriteTracking::kAsync}) {
-    if (tracking == WriteTracking::kAsync && !KernelHasAsyncWp()) continue;
+  for (WriteTracking tracking : AvailableTrackings()) {
     for (bool map_over : {false, true}) {
       SCOPED_TRACE(std::string(WriteTrackingName(tracking)) + (map_over ? " mmap over" : " munmap"));
       auto region = std::make_shared<MemoryRegion>("replaced", 1u << 20);
