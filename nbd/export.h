@@ -118,7 +118,10 @@ class Export {
   // Serves a connection that is already past the handshake, as the kernel's NBD driver
   // uses one: requests for export `name` ("" = the default export) come at once and get
   // simple replies with the flags of Info(name). Takes ownership of fd. kNotFound for an
-  // unknown export (fd is closed); otherwise as ServeConnection.
+  // unknown export (fd is closed); otherwise as ServeConnection. The kernel gives up on a
+  // connection by shutting it down, and re-sends what was unanswered on another: on a unix
+  // socket (a socketpair) that is seen, and a write read from it afterwards is failed
+  // without I/O (a TCP peer's shutdown is not told apart from a FIN).
   Status ServeTransmission(UniqueFd fd, std::string_view name);
   // The size and transmission flags of export `name` ("" = the default). kNotFound if none.
   Result<ExportInfo> Info(std::string_view name) const;

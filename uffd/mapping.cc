@@ -184,7 +184,14 @@ Status Mapping::Init() {
 
   if (tracking_ != WriteTracking::kOff) {
     pagemap_fd_.Reset(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
-    if (!pagemap_fd_) return Status::FromErrno(errno, "open /proc/self/pagemap");
+    // Async tracking scans it; sync tracking only asks it which dropped chunks have pages
+    // left (KeepIfPagesLeft), and without it pushes them all.
+    if (!pagemap_fd_ && tracking_ == WriteTracking::kAsync) {
+      return Status::FromErrno(errno, "open /proc/self/pagemap");
+    }
+    if (!pagemap_fd_)
+      spdlog::info("uffd mapping: no /proc/self/pagemap ({}); dropped chunks are synced whole",
+                   std::strerror(errno));
   }
   wake_fd_.Reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!wake_fd_) return Status::FromErrno(errno, "eventfd");
@@ -667,6 +674,8 @@ void Mapping::FailChunk(uint64_t chunk) {
   for (const auto& [from, to] : MappedSegments(start, start + ChunkLength(chunk))) {
     FailPages(reinterpret_cast<std::byte*>(from), to - from);
   }
+  // A waiter in the hole too (FailLoop, without POISON, wakes once it has mapped over).
+  if (uffd_->has(UFFD_FEATURE_POISON)) (void)uffd_->Wake(ChunkAddress(chunk), ChunkLength(chunk));
 }
 
 void Mapping::FailPages(std::byte* addr, size_t len) {
@@ -795,16 +804,17 @@ Status Mapping::ScanWritten(uint64_t start, uint64_t end) {
     arg.category_mask = PAGE_IS_WRITTEN;
     arg.category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
     arg.return_mask = PAGE_IS_WRITTEN | PAGE_IS_PRESENT;
+    // A scan that fails part way (EPERM: the program mapped over part of the range) has
+    // protected the pages it found again, and still copied their regions out before it
+    // returned the error: those are marked as for a scan that succeeds.
+    std::fill(std::begin(regions), std::end(regions), page_region{});
     int n = ::ioctl(pagemap_fd_.get(), PAGEMAP_SCAN, &arg);
+    Status failed;
     if (n < 0) {
       if (errno == EINTR) continue;
-      // The scan may have protected pages again before it failed, without saying which:
-      // their writes are kept by marking every chunk left to scan.
-      const Status failed = Status::FromErrno(errno, "PAGEMAP_SCAN");
-      for (uint64_t c = (start - base) / chunk_size_; c <= (end - 1 - base) / chunk_size_; ++c) {
-        chunks_.SetDirty(c, true);  // Sync skips those with no pages (KeepIfPagesLeft)
-      }
-      return failed;
+      failed = Status::FromErrno(errno, "PAGEMAP_SCAN");
+      n = static_cast<int>(std::count_if(std::begin(regions), std::end(regions),
+                                         [](const page_region& r) { return r.end > r.start; }));
     }
     for (int i = 0; i < n; ++i) {
       const bool present = (regions[i].categories & PAGE_IS_PRESENT) != 0;
@@ -816,6 +826,7 @@ Status Mapping::ScanWritten(uint64_t start, uint64_t end) {
         chunks_.SetDirty(c, true);
       }
     }
+    MF_RETURN_IF_ERROR(failed);
     if (arg.walk_end <= start) break;
     start = arg.walk_end;
   }
@@ -950,11 +961,17 @@ void Mapping::CopyAndPush(std::vector<PendingCopy>& copies) {
     // queued yet, but the kernel sees the new mapping.
     const auto start = reinterpret_cast<uint64_t>(ChunkAddress(chunk));
     Status ours = StillRegistered(start, start + ChunkLength(chunk));
-    if (ours.err() == ENOENT || ours.err() == EPERM) {
-      if (UnmappedMeanwhile(chunk)) {
-        PushCutChunkInstead(slot, chunk);
-        continue;
-      }
+    bool cut = false;
+    // The kernel queues the unmap event only after the new mapping is in place: wait a
+    // little for the hole to be known.
+    for (int attempt = 0; (ours.err() == ENOENT || ours.err() == EPERM) && attempt < kMaxScanRetries;
+         ++attempt) {
+      if ((cut = UnmappedMeanwhile(chunk))) break;
+      std::this_thread::sleep_for(kProtectRetryDelay);
+    }
+    if (cut) {
+      PushCutChunkInstead(slot, chunk);
+      continue;
     }
     if (!ours.ok()) {
       FailPush(slot, ours.WithContext("chunk " + std::to_string(chunk) + " changed while Sync copied it"));
@@ -1053,6 +1070,7 @@ Status Mapping::ProtectForPush(uint64_t chunk, const std::vector<std::pair<uint6
 }
 
 bool Mapping::KeepIfPagesLeft(uint64_t chunk) {
+  if (!pagemap_fd_) return true;  // cannot tell
   const bool failed = chunks_.state(chunk) == fabric::ChunkState::kFailed;
   MutexLock lock(stripes_[chunk % kLockStripes]);  // a write fault marks it dirty again after this
   chunks_.SetDirty(chunk, false);

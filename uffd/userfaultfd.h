@@ -42,7 +42,8 @@ class Userfaultfd final {
   // on the thread that reads the events does not spin forever; the caller wakes the
   // waiters to fault again. A range the program split into several VMAs is filled page by
   // page. Other errors keep their errno (ENOENT: part of the range is no longer
-  // registered, and the rest was filled; ESRCH: the process is exiting).
+  // registered, and when that was found page by page the rest was filled; ESRCH: the
+  // process is exiting).
   Status Copy(void* dst, const void* src, size_t len, bool write_protect);
   // UFFDIO_WRITEPROTECT: protect (true) or unprotect-and-wake (false), page by page over a
   // range split into several VMAs where the kernel needs that. EAGAIN (an event waits
