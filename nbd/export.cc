@@ -248,10 +248,12 @@ class Export::Connection final : public fabric::IoCallback {
   uint32_t AcquireSlot() MF_EXCLUDES(mu_);
   // Points slot.data at `length` bytes: its own buffer or (waiting for it) the large one.
   Status PrepareData(Slot& slot, uint32_t length) MF_EXCLUDES(mu_);
-  // Admits a WRITE or WRITE_ZEROES in the export-wide WriteFence (waiting for an overlapping
-  // write in flight); false once the Export stops.
-  bool AdmitWrite(Slot& s);
-  // After AdmitWrite, on a connection of the kernel's NBD driver (ServeTransmission):
+  // Admits the WRITE or WRITE_ZEROES in slot `index` in the export-wide WriteFence (waiting
+  // for an overlapping write in flight). True when it may go to the Remote; false when it
+  // has answered the request instead: ESHUTDOWN once the Export stops, EIO when the kernel
+  // abandoned the connection (AbandonedByKernel).
+  bool AdmitWrite(uint32_t index) MF_EXCLUDES(mu_);
+  // Once admitted, on a connection of the kernel's NBD driver (ServeTransmission):
   // whether the kernel shut it down. It does so when it gives up on the connection, and
   // fails its unanswered requests upward or re-sends them on another one; a write still
   // read from the socket afterwards must not land after its re-sent copy and the writes
@@ -812,14 +814,7 @@ Status Export::Connection::Transmission() {
             return payload;
           }
           s.flush_after = fua;
-          if (!AdmitWrite(s)) {
-            FailOrFinish(index, kEshutdown, "the server is shutting down");
-            break;
-          }
-          if (AbandonedByKernel(s)) {
-            FailOrFinish(index, kEio, "the client hung up");
-            break;
-          }
+          if (!AdmitWrite(index)) break;
         }
         SubmitSplit(index, r.type == kCmdRead ? fabric::IoKind::kRead : fabric::IoKind::kWrite, r.offset,
                     r.length, false);
@@ -849,14 +844,7 @@ Status Export::Connection::Transmission() {
           zero_buffer_ = std::move(zeroes).value();
         }
         s.flush_after = fua;
-        if (!AdmitWrite(s)) {
-          FailOrFinish(index, kEshutdown, "the server is shutting down");
-          break;
-        }
-        if (AbandonedByKernel(s)) {
-          FailOrFinish(index, kEio, "the client hung up");
-          break;
-        }
+        if (!AdmitWrite(index)) break;
         SubmitSplit(index, fabric::IoKind::kWrite, r.offset, r.length, true);
         break;
       }
@@ -880,9 +868,18 @@ void Export::Connection::OnIoComplete(uint64_t cookie, const Status& status) {
   if (s.pending.fetch_sub(1, std::memory_order_acq_rel) == 1) PushCompleted(static_cast<uint32_t>(cookie));
 }
 
-bool Export::Connection::AdmitWrite(Slot& s) {
+bool Export::Connection::AdmitWrite(uint32_t index) {
+  Slot& s = slots_[index];
   s.fence_ticket = owner_.write_fence_.Admit(remote_, s.request.offset, s.request.length);
-  return s.fence_ticket != 0;
+  if (s.fence_ticket == 0) {
+    FailOrFinish(index, kEshutdown, "the server is shutting down");
+    return false;
+  }
+  if (AbandonedByKernel(s)) {
+    FailOrFinish(index, kEio, "the client hung up");
+    return false;
+  }
+  return true;
 }
 
 bool Export::Connection::AbandonedByKernel(Slot& s) {
