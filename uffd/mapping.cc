@@ -40,6 +40,19 @@ constexpr size_t kCopyBatch = 16;
 constexpr uint64_t kPagemapPresent = uint64_t{1} << 63;
 constexpr uint64_t kPagemapSwapped = uint64_t{1} << 62;
 
+// Runs `attempt`, a write-protect returning a Status, again while the kernel refuses it with
+// EAGAIN (an event waits unread): at most kMaxProtectRetries more times, kProtectRetryDelay
+// apart, each retry counted in `retries`. Returns the last attempt's status.
+template <typename Attempt>
+Status RetryProtectWhileEventUnread(std::atomic<uint64_t>& retries, Attempt attempt) {
+  for (int tries = 0;; ++tries) {
+    Status s = attempt();
+    if (s.err() != EAGAIN || tries == kMaxProtectRetries) return s;
+    retries.fetch_add(1, std::memory_order_relaxed);
+    std::this_thread::sleep_for(kProtectRetryDelay);
+  }
+}
+
 void* PageOf(uint64_t address) {
   return reinterpret_cast<void*>(address & ~uint64_t{kPageSize - 1});
 }
@@ -1005,12 +1018,9 @@ Status Mapping::StillRegistered(uint64_t start, uint64_t end) {
   // Protecting again what ProtectForPush protected changes nothing of ours (a write since
   // has marked its chunk dirty, and faults again) and fails (ENOENT) on a mapping that is
   // not registered, or (EAGAIN) while an event waits unread: once it is read, try again.
-  for (int attempt = 0;; ++attempt) {
-    Status s = uffd_->WriteProtect(reinterpret_cast<void*>(start), end - start, true);
-    if (s.err() != EAGAIN || attempt == kMaxProtectRetries) return s;
-    counters_.protect_retries.fetch_add(1, std::memory_order_relaxed);
-    std::this_thread::sleep_for(kProtectRetryDelay);
-  }
+  return RetryProtectWhileEventUnread(counters_.protect_retries, [&] {
+    return uffd_->WriteProtect(reinterpret_cast<void*>(start), end - start, true);
+  });
 }
 
 void Mapping::WaitForReadEvents() {
@@ -1047,26 +1057,21 @@ void Mapping::PushCutChunkForSync(uint64_t chunk) {
 }
 
 Status Mapping::ProtectForPush(uint64_t chunk, const std::vector<std::pair<uint64_t, uint64_t>>& segments) {
-  for (int attempt = 0;; ++attempt) {
+  // Each attempt releases the stripe lock before the retry waits: the fault thread, which
+  // reads the pending event, may need it.
+  return RetryProtectWhileEventUnread(counters_.protect_retries, [&] {
+    // Clear, then protect, then copy: a write after the protect faults and re-dirties;
+    // a write before it is in the copy.
+    MutexLock lock(stripes_[chunk % kLockStripes]);
+    chunks_.SetDirty(chunk, false);
     Status s;
-    {
-      // Clear, then protect, then copy: a write after the protect faults and re-dirties;
-      // a write before it is in the copy.
-      MutexLock lock(stripes_[chunk % kLockStripes]);
-      chunks_.SetDirty(chunk, false);
-      for (const auto& [from, to] : segments) {
-        s = uffd_->WriteProtect(reinterpret_cast<void*>(from), to - from, true);
-        if (!s.ok()) break;
-      }
-      if (s.ok()) return s;
-      chunks_.SetDirty(chunk, true);
+    for (const auto& [from, to] : segments) {
+      s = uffd_->WriteProtect(reinterpret_cast<void*>(from), to - from, true);
+      if (!s.ok()) break;
     }
-    // Not under the stripe lock: the fault thread, which reads the pending event, may
-    // need it.
-    if (s.err() != EAGAIN || attempt == kMaxProtectRetries) return s;
-    counters_.protect_retries.fetch_add(1, std::memory_order_relaxed);
-    std::this_thread::sleep_for(kProtectRetryDelay);
-  }
+    if (!s.ok()) chunks_.SetDirty(chunk, true);
+    return s;
+  });
 }
 
 bool Mapping::KeepIfPagesLeft(uint64_t chunk) {
