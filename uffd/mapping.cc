@@ -374,6 +374,7 @@ void Mapping::HandleMissing(uint64_t address) {
     return;
   }
   const uint64_t chunk = (address - base) / chunk_size_;
+  if (HandleFaultInHole(chunk, reinterpret_cast<uint64_t>(PageOf(address)), false)) return;
   switch (chunks_.state(chunk)) {
     case fabric::ChunkState::kRemote: {
       if (!chunks_.TryClaim(chunk)) return;  // prefetch claimed it: its install wakes us
@@ -420,6 +421,7 @@ void Mapping::HandleWriteProtect(uint64_t address) {
     return;
   }
   const uint64_t chunk = (address - base) / chunk_size_;
+  if (HandleFaultInHole(chunk, reinterpret_cast<uint64_t>(page), true)) return;
   MutexLock lock(stripes_[chunk % kLockStripes]);
   chunks_.SetDirty(chunk, true);
   Status s;
@@ -482,6 +484,47 @@ void Mapping::HandleUnmap(uint64_t start, uint64_t end) {
     cut_chunks_[c].store(true, std::memory_order_release);
     ForgetWritesIfWhollyIn(c, start, end);  // and Sync never reads it again
   }
+  // A thread that faulted in the range before it went away waits for its chunk's install,
+  // which now skips the range: wake it, to fault on whatever is mapped there now (or get
+  // SIGSEGV where nothing is). UFFDIO_WAKE needs no registered mapping.
+  (void)uffd_->Wake(reinterpret_cast<void*>(start), end - start);
+}
+
+bool Mapping::HandleFaultInHole(uint64_t chunk, uint64_t page, bool write_protect) {
+  if (!cut_chunks_[chunk].load(std::memory_order_acquire)) return false;
+  void* at = reinterpret_cast<void*>(page);
+  bool again = false;
+  {
+    MutexLock lock(mu_);
+    const bool in_hole = std::any_of(unmapped_.begin(), unmapped_.end(), [page](const auto& hole) {
+      return hole.first <= page && page < hole.second;
+    });
+    if (!in_hole) return false;
+    if (!write_protect) {
+      auto seen = std::find(hole_faults_.begin(), hole_faults_.end(), page);
+      again = seen != hole_faults_.end();
+      if (again) {
+        hole_faults_.erase(seen);
+      } else {
+        hole_faults_.push_back(page);
+      }
+    }
+  }
+  // The fault came to this userfaultfd, yet the page is in a range the program unmapped.
+  // Either its message was queued before the unmap (HandleUnmap has woken the thread, which
+  // now faults on whatever is mapped there), or the range is still registered with us:
+  // mremap with MREMAP_DONTUNMAP left it so, or mremap moved part of the range onto it.
+  if (write_protect) {
+    // Untracked, as at a moved range's new address: let the write through.
+    if (!uffd_->WriteProtect(at, kPageSize, false).ok()) (void)uffd_->Wake(at, kPageSize);
+  } else if (!again) {
+    // Once: a stale message is answered by a wake. A registered page faults again.
+    (void)uffd_->Wake(at, kPageSize);
+  } else {
+    // Twice: the page is ours but not the region's any more, and cannot be served.
+    FailPages(static_cast<std::byte*>(at), kPageSize, true);
+  }
+  return true;
 }
 
 std::vector<std::pair<uint64_t, uint64_t>> Mapping::MappedSegments(uint64_t start, uint64_t end) const {
@@ -691,7 +734,7 @@ void Mapping::FailChunk(uint64_t chunk) {
   if (uffd_->has(UFFD_FEATURE_POISON)) (void)uffd_->Wake(ChunkAddress(chunk), ChunkLength(chunk));
 }
 
-void Mapping::FailPages(std::byte* addr, size_t len) {
+void Mapping::FailPages(std::byte* addr, size_t len, bool registered) {
   if (uffd_->has(UFFD_FEATURE_POISON)) {
     Status s = uffd_->Poison(addr, len);
     if (s.ok()) return;
@@ -704,7 +747,8 @@ void Mapping::FailPages(std::byte* addr, size_t len) {
     {
       MutexLock lock(fail_mu_);
       if (!fail_exit_) {
-        fail_queue_.emplace_back(reinterpret_cast<uint64_t>(addr), reinterpret_cast<uint64_t>(addr) + len);
+        fail_queue_.push_back(
+            {reinterpret_cast<uint64_t>(addr), reinterpret_cast<uint64_t>(addr) + len, registered});
         fail_cv_.notify_one();
         return;
       }
@@ -715,33 +759,53 @@ void Mapping::FailPages(std::byte* addr, size_t len) {
 
 void Mapping::FailLoop() {
   for (;;) {
-    std::pair<uint64_t, uint64_t> range;  // [start, end)
-    bool done_before = false;
+    FailRange next;
     {
       MutexLock lock(fail_mu_);
       fail_cv_.wait(fail_mu_,
                     [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return fail_exit_ || !fail_queue_.empty(); });
       if (fail_queue_.empty()) return;  // exiting, nothing left
-      range = fail_queue_.front();
+      next = fail_queue_.front();
       fail_queue_.pop_front();
-      done_before = std::find(replaced_.begin(), replaced_.end(), range) != replaced_.end();
-      if (!done_before) mapping_over_ = range;
+    }
+    const std::pair<uint64_t, uint64_t> range{next.start, next.end};
+    if (!next.registered) {
+      // A hole the program made since the range was queued is the program's (it may have
+      // mapped memory of its own there): only the rest is mapped over, piece by piece.
+      // HandleUnmap has woken the hole's waiters.
+      const std::vector<std::pair<uint64_t, uint64_t>> segments = MappedSegments(range.first, range.second);
+      if (segments.size() != 1 || segments.front() != range) {
+        MutexLock lock(fail_mu_);
+        for (auto it = segments.rbegin(); it != segments.rend(); ++it) {
+          fail_queue_.push_front({it->first, it->second, false});
+        }
+        continue;
+      }
     }
     auto* addr = reinterpret_cast<std::byte*>(range.first);
     const size_t len = range.second - range.first;
+    bool done_before = false;
+    {
+      MutexLock lock(fail_mu_);
+      done_before = std::find(replaced_.begin(), replaced_.end(), range) != replaced_.end();
+      // Before the mmap: its unmap event may be handled after the mmap has returned.
+      if (!done_before) own_unmaps_.push_back(range);
+    }
     if (!done_before) {
       // The mmap returns once the fault thread has read the unmap event it raises.
       UniqueFd empty(::memfd_create("memfabric-failed-chunk", MFD_CLOEXEC));
       const bool mapped = empty && ::mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
                                           empty.get(), 0) != MAP_FAILED;
+      const int err = errno;
       MutexLock lock(fail_mu_);
       if (mapped) {
         replaced_.push_back(range);
       } else {
+        auto pending = std::find(own_unmaps_.begin(), own_unmaps_.end(), range);
+        if (pending != own_unmaps_.end()) own_unmaps_.erase(pending);
         spdlog::error("uffd mapping: cannot fail {} bytes at {}: {}", len, static_cast<void*>(addr),
-                      std::strerror(errno));
+                      std::strerror(err));
       }
-      mapping_over_.reset();
     }
     (void)uffd_->Wake(addr, len);
   }
@@ -749,7 +813,10 @@ void Mapping::FailLoop() {
 
 bool Mapping::OwnUnmap(uint64_t start, uint64_t end) {
   MutexLock lock(fail_mu_);
-  return mapping_over_ == std::pair<uint64_t, uint64_t>{start, end};
+  auto own = std::find(own_unmaps_.begin(), own_unmaps_.end(), std::pair<uint64_t, uint64_t>{start, end});
+  if (own == own_unmaps_.end()) return false;
+  own_unmaps_.erase(own);
+  return true;
 }
 
 Status Mapping::Install(std::byte* dst, const std::byte* src, size_t len) {
