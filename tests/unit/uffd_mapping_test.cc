@@ -662,6 +662,11 @@ TEST(Mapping, DroppedDirtyChunkIsSkippedBySyncEvenAfterAFailedPull) {
     ASSERT_TRUE(m.ok()) << m.status().ToString();
     std::byte* c = (*m)->data() + 2 * kChunk;
     std::memset(c, 0x61, kChunk);
+    // The fault's pull is counted after its install has woken the writer: wait for it.
+    for (int i = 0; i < 1000 && (*m)->stats().pulls != 1; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    ASSERT_EQ((*m)->stats().pulls, 1u);
     ASSERT_EQ(::madvise(c, kChunk, MADV_DONTNEED), 0);
     const uint64_t pulls = (*m)->stats().pulls;
     Status synced = (*m)->Sync();
