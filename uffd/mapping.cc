@@ -492,38 +492,23 @@ void Mapping::HandleUnmap(uint64_t start, uint64_t end) {
 
 bool Mapping::HandleFaultInHole(uint64_t chunk, uint64_t page, bool write_protect) {
   if (!cut_chunks_[chunk].load(std::memory_order_acquire)) return false;
-  void* at = reinterpret_cast<void*>(page);
-  bool again = false;
   {
     MutexLock lock(mu_);
-    const bool in_hole = std::any_of(unmapped_.begin(), unmapped_.end(), [page](const auto& hole) {
-      return hole.first <= page && page < hole.second;
-    });
-    if (!in_hole) return false;
-    if (!write_protect) {
-      auto seen = std::find(hole_faults_.begin(), hole_faults_.end(), page);
-      again = seen != hole_faults_.end();
-      if (again) {
-        hole_faults_.erase(seen);
-      } else {
-        hole_faults_.push_back(page);
-      }
+    if (std::none_of(unmapped_.begin(), unmapped_.end(),
+                     [page](const auto& hole) { return hole.first <= page && page < hole.second; })) {
+      return false;
     }
   }
-  // The fault came to this userfaultfd, yet the page is in a range the program unmapped.
-  // Either its message was queued before the unmap (HandleUnmap has woken the thread, which
-  // now faults on whatever is mapped there), or the range is still registered with us:
-  // mremap with MREMAP_DONTUNMAP left it so, or mremap moved part of the range onto it.
-  if (write_protect) {
-    // Untracked, as at a moved range's new address: let the write through.
-    if (!uffd_->WriteProtect(at, kPageSize, false).ok()) (void)uffd_->Wake(at, kPageSize);
-  } else if (!again) {
-    // Once: a stale message is answered by a wake. A registered page faults again.
-    (void)uffd_->Wake(at, kPageSize);
-  } else {
-    // Twice: the page is ours but not the region's any more, and cannot be served.
-    FailPages(static_cast<std::byte*>(at), kPageSize, true);
-  }
+  // The fault came to this userfaultfd, yet the page is in a range the program unmapped
+  // (a fault queued before the unmap would have been read and handled before its event).
+  // The range is still registered with us: mremap with MREMAP_DONTUNMAP left it so, or
+  // mremap moved part of the range onto it. It is the program's memory now, not the
+  // region's: empty (zero) where nothing is present, written untracked. Both ioctls act
+  // only where the range is still ours; otherwise the thread is woken to fault on
+  // whatever is mapped there now.
+  void* at = reinterpret_cast<void*>(page);
+  const Status s = write_protect ? uffd_->WriteProtect(at, kPageSize, false) : uffd_->ZeroPage(at, kPageSize);
+  if (!s.ok()) (void)uffd_->Wake(at, kPageSize);
   return true;
 }
 
@@ -734,7 +719,7 @@ void Mapping::FailChunk(uint64_t chunk) {
   if (uffd_->has(UFFD_FEATURE_POISON)) (void)uffd_->Wake(ChunkAddress(chunk), ChunkLength(chunk));
 }
 
-void Mapping::FailPages(std::byte* addr, size_t len, bool registered) {
+void Mapping::FailPages(std::byte* addr, size_t len) {
   if (uffd_->has(UFFD_FEATURE_POISON)) {
     Status s = uffd_->Poison(addr, len);
     if (s.ok()) return;
@@ -747,8 +732,7 @@ void Mapping::FailPages(std::byte* addr, size_t len, bool registered) {
     {
       MutexLock lock(fail_mu_);
       if (!fail_exit_) {
-        fail_queue_.push_back(
-            {reinterpret_cast<uint64_t>(addr), reinterpret_cast<uint64_t>(addr) + len, registered});
+        fail_queue_.emplace_back(reinterpret_cast<uint64_t>(addr), reinterpret_cast<uint64_t>(addr) + len);
         fail_cv_.notify_one();
         return;
       }
@@ -759,28 +743,25 @@ void Mapping::FailPages(std::byte* addr, size_t len, bool registered) {
 
 void Mapping::FailLoop() {
   for (;;) {
-    FailRange next;
+    std::pair<uint64_t, uint64_t> range;  // [start, end)
     {
       MutexLock lock(fail_mu_);
       fail_cv_.wait(fail_mu_,
                     [this]() MF_NO_THREAD_SAFETY_ANALYSIS { return fail_exit_ || !fail_queue_.empty(); });
       if (fail_queue_.empty()) return;  // exiting, nothing left
-      next = fail_queue_.front();
+      range = fail_queue_.front();
       fail_queue_.pop_front();
     }
-    const std::pair<uint64_t, uint64_t> range{next.start, next.end};
-    if (!next.registered) {
-      // A hole the program made since the range was queued is the program's (it may have
-      // mapped memory of its own there): only the rest is mapped over, piece by piece.
-      // HandleUnmap has woken the hole's waiters.
-      const std::vector<std::pair<uint64_t, uint64_t>> segments = MappedSegments(range.first, range.second);
-      if (segments.size() != 1 || segments.front() != range) {
-        MutexLock lock(fail_mu_);
-        for (auto it = segments.rbegin(); it != segments.rend(); ++it) {
-          fail_queue_.push_front({it->first, it->second, false});
-        }
-        continue;
-      }
+    // A hole the program made since the range was queued is the program's (it may have
+    // mapped memory of its own there): only the rest is mapped over, piece by piece.
+    // HandleUnmap has woken the hole's waiters. Every unmap that has returned to the
+    // program has had its event read; once those are handled, its hole is known.
+    WaitForReadEvents();
+    const std::vector<std::pair<uint64_t, uint64_t>> segments = MappedSegments(range.first, range.second);
+    if (segments.size() != 1 || segments.front() != range) {
+      MutexLock lock(fail_mu_);
+      fail_queue_.insert(fail_queue_.begin(), segments.begin(), segments.end());
+      continue;
     }
     auto* addr = reinterpret_cast<std::byte*>(range.first);
     const size_t len = range.second - range.first;
@@ -797,12 +778,15 @@ void Mapping::FailLoop() {
       const bool mapped = empty && ::mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
                                           empty.get(), 0) != MAP_FAILED;
       const int err = errno;
+      // The unmap event the mmap raised, if any (none where nothing of the range was ours
+      // any more), has been read: once it is handled, an entry still pending is stale.
+      WaitForReadEvents();
       MutexLock lock(fail_mu_);
+      auto pending = std::find(own_unmaps_.begin(), own_unmaps_.end(), range);
+      if (pending != own_unmaps_.end()) own_unmaps_.erase(pending);
       if (mapped) {
         replaced_.push_back(range);
       } else {
-        auto pending = std::find(own_unmaps_.begin(), own_unmaps_.end(), range);
-        if (pending != own_unmaps_.end()) own_unmaps_.erase(pending);
         spdlog::error("uffd mapping: cannot fail {} bytes at {}: {}", len, static_cast<void*>(addr),
                       std::strerror(err));
       }

@@ -241,9 +241,7 @@ class Mapping {
   // Makes later accesses to the pages of [addr, addr+len) not present raise SIGBUS and
   // wakes the waiters: UFFDIO_POISON, else queued for FailLoop (an mmap on the fault
   // thread would wait for its own unmap event). Any thread.
-  // `registered`: the caller knows the pages are still this userfaultfd's even where they
-  // are in a hole the program made (HandleFaultInHole); otherwise FailLoop leaves holes be.
-  void FailPages(std::byte* addr, size_t len, bool registered = false) MF_EXCLUDES(fail_mu_);
+  void FailPages(std::byte* addr, size_t len) MF_EXCLUDES(fail_mu_);
   // Kernels without POISON: maps an empty memfd over each range FailPages queued, then
   // wakes its waiters. Its own thread: the mmap waits until the fault thread has read the
   // unmap event it raises.
@@ -314,12 +312,7 @@ class Mapping {
   // Address ranges [start, end): queued for FailLoop, those it is mapping or has mapped
   // over whose unmap event is not handled yet (ours, not the program's), and those it
   // mapped over.
-  struct FailRange {
-    uint64_t start = 0;
-    uint64_t end = 0;
-    bool registered = false;  // see FailPages
-  };
-  std::deque<FailRange> fail_queue_ MF_GUARDED_BY(fail_mu_);
+  std::deque<std::pair<uint64_t, uint64_t>> fail_queue_ MF_GUARDED_BY(fail_mu_);
   std::vector<std::pair<uint64_t, uint64_t>> own_unmaps_ MF_GUARDED_BY(fail_mu_);
   std::vector<std::pair<uint64_t, uint64_t>> replaced_ MF_GUARDED_BY(fail_mu_);
   bool fail_exit_ MF_GUARDED_BY(fail_mu_) = false;
@@ -330,8 +323,6 @@ class Mapping {
   std::vector<size_t> free_prefetch_slots_ MF_GUARDED_BY(mu_);
   std::deque<uint64_t> pending_faults_ MF_GUARDED_BY(mu_);  // chunks waiting for a slot
   std::vector<std::pair<uint64_t, uint64_t>> unmapped_ MF_GUARDED_BY(mu_);
-  // Pages in unmapped_ that took a missing fault once (HandleFaultInHole).
-  std::vector<uint64_t> hole_faults_ MF_GUARDED_BY(mu_);
   Status prefetch_error_ MF_GUARDED_BY(mu_);
   bool prefetch_pass_done_ MF_GUARDED_BY(mu_) = false;  // and its pulls have ended
   bool stopping_ MF_GUARDED_BY(mu_) = false;

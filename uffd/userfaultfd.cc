@@ -187,6 +187,18 @@ Status Userfaultfd::Poison(void* addr, size_t len) {
   });
 }
 
+Status Userfaultfd::ZeroPage(void* addr, size_t len) {
+  auto* a = static_cast<std::byte*>(addr);
+  return FillSkippingPresent(addr, len, "UFFDIO_ZEROPAGE", [&](size_t done, size_t span, int64_t* progress) {
+    uffdio_zeropage zero{};
+    zero.range.start = reinterpret_cast<uintptr_t>(a + done);
+    zero.range.len = span;
+    if (::ioctl(fd(), UFFDIO_ZEROPAGE, &zero) == 0) return 0;
+    *progress = zero.zeropage;
+    return errno;
+  });
+}
+
 Result<size_t> Userfaultfd::ReadMessages(std::span<uffd_msg> out) {
   for (;;) {
     ssize_t n = ::read(fd(), out.data(), out.size_bytes());

@@ -54,6 +54,10 @@ class Userfaultfd final {
   // UFFDIO_POISON (kernel >= 6.6): later accesses to the pages not present get SIGBUS;
   // present pages are left as they are (as in Copy); waiters are woken. EAGAIN as in Copy.
   Status Poison(void* addr, size_t len);
+  // UFFDIO_ZEROPAGE: maps the zero page at the pages of [addr, addr+len) not present
+  // (present ones are left as they are, as in Copy) and wakes waiters. Only on a range
+  // still registered with this userfaultfd (ENOENT otherwise); EAGAIN as in Copy.
+  Status ZeroPage(void* addr, size_t len);
   // Reads up to out.size() messages; returns how many (0 when none are pending).
   Result<size_t> ReadMessages(std::span<uffd_msg> out);
 
