@@ -44,6 +44,15 @@ std::vector<WriteTracking> AvailableTrackings() {
   return {WriteTracking::kSync};
 }
 
+// Options for most tests: chunks of `chunk_size`, no prefetch (pulls only for faults).
+MappingOptions NoPrefetch(size_t chunk_size, WriteTracking tracking = WriteTracking::kAuto) {
+  MappingOptions o;
+  o.chunk_size = chunk_size;
+  o.prefetch = false;
+  o.tracking = tracking;
+  return o;
+}
+
 // True inside the test VM (run-vm-suite names the test it runs): its emulated CPU is tens
 // of times slower, so the longest race loops run fewer rounds there.
 bool InTestVm() {
@@ -560,9 +569,7 @@ TEST(MappingDeathTest, FailedPullOfAPartlyUnmappedChunkRaisesSigbus) {
         ::alarm(20);  // the old livelock ends as SIGALRM, not SIGBUS
         FaultyRemote remote(region, false);
         remote.fail_reads = true;
-        MappingOptions o;
-        o.chunk_size = 64u << 10;
-        o.prefetch = false;
+        MappingOptions o = NoPrefetch(64u << 10);
         auto m = Mapping::Create(remote, o);
         if (!m.ok()) _exit(3);
         std::byte* p = (*m)->data();
@@ -620,10 +627,7 @@ TEST(Mapping, FailedPullOfAChunkNeverWrittenDoesNotFailSync) {
   constexpr size_t kChunk = 64u << 10;
   auto region = std::make_shared<MemoryRegion>("poisoned", 1u << 20);
   FaultyRemote remote(region, true);
-  MappingOptions o;
-  o.chunk_size = kChunk;
-  o.prefetch = false;
-  o.tracking = WriteTracking::kAsync;
+  MappingOptions o = NoPrefetch(kChunk, WriteTracking::kAsync);
   auto m = Mapping::Create(remote, o);
   ASSERT_TRUE(m.ok()) << m.status().ToString();
   std::byte* p = (*m)->data();
@@ -654,10 +658,7 @@ TEST(Mapping, DroppedDirtyChunkIsSkippedBySyncEvenAfterAFailedPull) {
     FillPattern(region->bytes(), 29);
     const std::vector<std::byte> before(region->bytes().begin(), region->bytes().end());
     FaultyRemote remote(region, true);
-    MappingOptions o;
-    o.chunk_size = kChunk;
-    o.prefetch = false;
-    o.tracking = tracking;
+    MappingOptions o = NoPrefetch(kChunk, tracking);
     auto m = Mapping::Create(remote, o);
     ASSERT_TRUE(m.ok()) << m.status().ToString();
     std::byte* c = (*m)->data() + 2 * kChunk;
@@ -704,10 +705,7 @@ TEST(MappingDeathTest, ChunkSplitIntoSeveralVmasIsServedAndTracked) {
         {
           ::alarm(20);  // the old livelock ends as SIGALRM
           MemoryRemote remote(region, true);
-          MappingOptions o;
-          o.chunk_size = kChunk;
-          o.prefetch = false;
-          o.tracking = tracking;
+          MappingOptions o = NoPrefetch(kChunk, tracking);
           auto m = Mapping::Create(remote, o);
           if (!m.ok()) _exit(3);
           std::byte* p = (*m)->data();
@@ -762,10 +760,7 @@ TEST(MappingDeathTest, PullFailingPartwayKeepsArrivedPiecesAndFailsTheRest) {
       {
         MemoryRemote remote(region, true);
         remote.FailRange(kInstallPiece, kInstallPiece, Status(Code::kUnavailable, "server gone"));
-        MappingOptions o;
-        o.chunk_size = 2u << 20;
-        o.prefetch = false;
-        o.tracking = WriteTracking::kSync;
+        MappingOptions o = NoPrefetch(2u << 20, WriteTracking::kSync);
         auto m = Mapping::Create(remote, o);
         if (!m.ok()) _exit(3);
         std::byte* p = (*m)->data();
@@ -914,10 +909,7 @@ TEST(Mapping, SyncRetriesAWriteProtectRefusedWhileAnEventWaitsUnread) {
   FillPattern(region->bytes(), 17);
   FaultyRemote remote(region, true);
   remote.hold_reads_for_poll = true;
-  MappingOptions o;
-  o.chunk_size = kChunk;
-  o.prefetch = false;
-  o.tracking = WriteTracking::kSync;
+  MappingOptions o = NoPrefetch(kChunk, WriteTracking::kSync);
   auto m = Mapping::Create(remote, o);
   ASSERT_TRUE(m.ok()) << m.status().ToString();
   std::byte* p = (*m)->data();
@@ -957,10 +949,7 @@ TEST(MappingDeathTest, AccessesAfterMremapAreServedOrFail) {
       {
         ::alarm(30);
         MemoryRemote remote(region, true);
-        MappingOptions o;
-        o.chunk_size = kChunk;
-        o.prefetch = false;
-        o.tracking = WriteTracking::kSync;
+        MappingOptions o = NoPrefetch(kChunk, WriteTracking::kSync);
         auto m = Mapping::Create(remote, o);
         if (!m.ok()) _exit(3);
         std::byte* p = (*m)->data();
@@ -998,10 +987,7 @@ TEST(MappingDeathTest, RangeLeftByMremapDontunmapIsTheProgramsEmptyMemory) {
         {
           ::alarm(30);
           MemoryRemote remote(region, true);
-          MappingOptions o;
-          o.chunk_size = kChunk;
-          o.prefetch = false;
-          o.tracking = tracking;
+          MappingOptions o = NoPrefetch(kChunk, tracking);
           auto m = Mapping::Create(remote, o);
           if (!m.ok()) _exit(3);
           std::byte* p = (*m)->data();
@@ -1038,10 +1024,7 @@ TEST(MappingDeathTest, SyncOfAPartlyDroppedChunkWithTheServerFailingReturnsAnErr
         {
           ::alarm(30);
           FaultyRemote remote(region, true);
-          MappingOptions o;
-          o.chunk_size = 64u << 10;
-          o.prefetch = false;
-          o.tracking = tracking;
+          MappingOptions o = NoPrefetch(64u << 10, tracking);
           auto m = Mapping::Create(remote, o);
           if (!m.ok()) _exit(3);
           std::byte* p = (*m)->data();
@@ -1088,10 +1071,7 @@ TEST(MappingDeathTest, PagesDroppedUnderSyncsCopyAreAnErrorNotASigbus) {
         ::alarm(120);
         FaultyRemote remote(region, true);
         for (WriteTracking tracking : AvailableTrackings()) {
-          MappingOptions o;
-          o.chunk_size = kChunk;
-          o.prefetch = false;
-          o.tracking = tracking;
+          MappingOptions o = NoPrefetch(kChunk, tracking);
           for (size_t round = 0; round < rounds; ++round) {
             auto m = Mapping::Create(remote, o);
             if (!m.ok()) _exit(3);
@@ -1131,9 +1111,7 @@ TEST(Mapping, ChunkUnmappedOrMappedOverWhileSyncWaitsIsNotPushed) {
       auto region = std::make_shared<MemoryRegion>("replaced", 1u << 20);
       std::memset(region->data(), 0x11, 1u << 20);
       MemoryRemote remote(region, true);
-      MappingOptions o;
-      o.chunk_size = kChunk;
-      o.prefetch = false;
+      MappingOptions o = NoPrefetch(kChunk);
       o.push_depth = 1;
       o.tracking = tracking;
       auto m = Mapping::Create(remote, o);
@@ -1179,9 +1157,7 @@ TEST(Mapping, FailedChunkMappedOverWithoutPoisonIsNotAHoleAndCloseUnmapsIt) {
   auto region = std::make_shared<MemoryRegion>("memfd-over", 4 * kChunk);
   FaultyRemote remote(region, true);
   remote.fail_reads = true;
-  MappingOptions o;
-  o.chunk_size = kChunk;
-  o.prefetch = false;
+  MappingOptions o = NoPrefetch(kChunk);
   for (int round = 0; round < kRounds; ++round) {
     SCOPED_TRACE("round " + std::to_string(round));
     auto m = Mapping::Create(remote, o);
@@ -1211,9 +1187,7 @@ TEST(Mapping, WaiterOnAPageMappedOverDuringItsPullWakesUp) {
   std::memset(region->data(), 0x11, 1u << 20);
   MemoryRemote remote(region, true);
   remote.SetDelay(std::chrono::milliseconds(300));  // the pull is still in flight below
-  MappingOptions o;
-  o.chunk_size = kChunk;
-  o.prefetch = false;
+  MappingOptions o = NoPrefetch(kChunk);
   auto m = Mapping::Create(remote, o);
   ASSERT_TRUE(m.ok()) << m.status().ToString();
   std::byte* page = (*m)->data() + kPage * kPageSize;
