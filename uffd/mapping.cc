@@ -492,13 +492,7 @@ void Mapping::HandleUnmap(uint64_t start, uint64_t end) {
 
 bool Mapping::HandleFaultInHole(uint64_t chunk, uint64_t page, bool write_protect) {
   if (!cut_chunks_[chunk].load(std::memory_order_acquire)) return false;
-  {
-    MutexLock lock(mu_);
-    if (std::none_of(unmapped_.begin(), unmapped_.end(),
-                     [page](const auto& hole) { return hole.first <= page && page < hole.second; })) {
-      return false;
-    }
-  }
+  if (!MappedSegments(page, page + kPageSize).empty()) return false;  // not in a hole
   // The fault came to this userfaultfd, yet the page is in a range the program unmapped
   // (a fault queued before the unmap would have been read and handled before its event).
   // The range is still registered with us: mremap with MREMAP_DONTUNMAP left it so, or
