@@ -186,7 +186,8 @@ kill -STOP "$server_pid"
 "$MF" swap "$URL/disk" --log-level info >/dev/null 2>"$DIR/early.log" &
 early_pid=$!
 _spawned+=("$early_pid")
-sleep 1
+wait_blocking "$early_pid" 2 # SIGINT: sent before, it would be lost (ignored in a background job)
+sleep 0.5                    # on its way to the stopped server
 kill -INT "$early_pid"
 kill -CONT "$server_pid"
 rc=0

@@ -62,6 +62,21 @@ wait_path() {
   done
 }
 
+# wait_blocking PID SIGNUM [SECONDS]: wait until process PID blocks signal SIGNUM (default
+# 30 s), i.e. it reached the code that takes the signal with sigwait. A signal sent before
+# then meets the default action, and a background job of a non-interactive shell ignores
+# SIGINT: sent that early, the signal is lost and the process never hears of it.
+wait_blocking() {
+  local pid=$1 sig=$2 deadline=$((SECONDS + ${3:-30})) mask
+  while :; do
+    mask=$(awk '/^SigBlk:/ {print $2}' "/proc/$pid/status" 2>/dev/null) || mask=
+    [[ -n $mask ]] || fail "process $pid exited before it blocked signal $sig"
+    (((16#$mask >> (sig - 1)) & 1)) && return 0
+    ((SECONDS < deadline)) || fail "process $pid did not block signal $sig in ${3:-30}s"
+    sleep 0.05
+  done
+}
+
 # Background processes started with `spawn` are killed when the test exits.
 _spawned=()
 spawn() {
