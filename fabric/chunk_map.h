@@ -49,13 +49,18 @@ class ChunkMap {
     return false;
   }
   // The local pages of chunk i went away: kLocal -> kRemote, or a running pull is marked
-  // so that its result does not count.
+  // so that its result does not count. A pull that finishes between the two attempts
+  // (kInFlight -> kLocal) is caught by the next round: the chunk ends kRemote either way.
   void Drop(uint64_t i) {
-    if (Transition(i, ChunkState::kLocal, ChunkState::kRemote)) {
-      local_.fetch_sub(1, std::memory_order_relaxed);
-      return;
+    for (;;) {
+      if (Transition(i, ChunkState::kLocal, ChunkState::kRemote)) {
+        local_.fetch_sub(1, std::memory_order_relaxed);
+        return;
+      }
+      if (Transition(i, ChunkState::kInFlight, ChunkState::kInFlightDropped)) return;
+      const ChunkState now = state(i);
+      if (now != ChunkState::kLocal && now != ChunkState::kInFlight) return;  // remote, failed, dropped
     }
-    Transition(i, ChunkState::kInFlight, ChunkState::kInFlightDropped);
   }
   void Set(uint64_t i, ChunkState s) {
     if (s == ChunkState::kLocal && state(i) != ChunkState::kLocal)

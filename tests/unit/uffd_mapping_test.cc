@@ -1037,6 +1037,7 @@ TEST(MappingDeathTest, SyncOfAPartlyDroppedChunkWithTheServerFailingReturnsAnErr
             // Allowed only with the written page on the server.
             if (region->data()[100] != std::byte{0x5a}) _exit(5);
           } else {
+            std::fprintf(stderr, "sync: %s\n", synced.ToString().c_str());  // shown if the test fails
             if (synced.code() != Code::kUnavailable) _exit(6);
             if (synced.ToString().find("chunk 0") == std::string::npos) _exit(7);
             if ((*m)->stats().dirty_chunks != 1) _exit(8);
