@@ -8,13 +8,17 @@
 #   write (QD SEQ_DEPTH). Before the rows each side gets a 1 MiB sequential write over the
 #   whole size, so both read real (allocated) memory.
 # The rows run ROUNDS times, the two servers taking turns (which one goes first alternates
-# by round), so that a noisy moment on the host hits both. The table prints the median of
+# by round), so that a noisy moment on the host hits both. With two CPUs or more, fio runs
+# on CPU 0 and both servers on the others (PIN=0 turns this off): unpinned, fio and a busy
+# server thread were often seen sharing one CPU for a while, and one row's rounds spread
+# from 0.7x to 1.3x for either server. The table prints the median of
 # the rounds: IOPS (MB/s for the 1 MiB rows), p50/p99 latency, the ratio memfabric/nbdkit
 # of the medians, and the lowest and highest per-round ratio.
 #
 # Usage: bench/compare_nbd.sh
 # Environment: ROUNDS (default 5), ROW_SECONDS (default 3), SIZE (default 1G), DEPTH (16),
 #   SEQ_DEPTH (4), BACKEND=region|memory|tcp (nbd_bench_server's backend, default region),
+#   PIN (1: fio on CPU 0, the servers on the other CPUs; 0: wherever the scheduler puts them),
 #   NBD_BENCH_SERVER=path to a built nbd_bench_server (else the release preset is built).
 set -euo pipefail
 
@@ -25,6 +29,8 @@ SIZE=${SIZE:-1G}
 DEPTH=${DEPTH:-16}
 SEQ_DEPTH=${SEQ_DEPTH:-4}
 BACKEND=${BACKEND:-region}
+CPUS=$(nproc)
+PIN=${PIN:-$((CPUS >= 2 ? 1 : 0))}
 SERVER_WAIT_TRIES=100  # x 0.1 s
 export PATH=/usr/bin:/bin:$PATH  # the system python3 for the table (and libnbd tools)
 
@@ -41,6 +47,13 @@ if [[ -z "${NBD_BENCH_SERVER:-}" ]]; then
     cmake --build --preset release --target nbd_bench_server >/dev/null) || die "release build failed"
 fi
 [[ -x "$NBD_BENCH_SERVER" ]] || die "no nbd_bench_server at $NBD_BENCH_SERVER"
+CLIENT_ON=() SERVER_ON=() PLACEMENT="unpinned"
+if [[ $PIN == 1 ]]; then
+  ((CPUS >= 2)) || die "PIN=1 needs two CPUs or more (this machine has $CPUS)"
+  command -v taskset >/dev/null || die "taskset (util-linux) is missing"
+  CLIENT_ON=(taskset -c 0) SERVER_ON=(taskset -c "1-$((CPUS - 1))")
+  PLACEMENT="fio on CPU 0, servers on CPU 1-$((CPUS - 1))"
+fi
 
 WORK=$(mktemp -d /tmp/mf-compare-nbd.XXXXXX)
 PIDS=()
@@ -65,7 +78,7 @@ fio_row() {
   local side=$1 uri=$2 name=$3 rw=$4 bs=$5 qd=$6
   shift 6
   echo "== $side: $rw $bs QD$qd ($name)" >&2
-  fio --name="$name" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$SIZE" \
+  "${CLIENT_ON[@]}" fio --name="$name" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$SIZE" \
     --lat_percentiles=1 --output-format=json --output="$WORK/$side-$name.json" "$@" >/dev/null ||
     die "fio $rw on $side failed"
 }
@@ -83,9 +96,9 @@ run_rows() {
 }
 
 # ---- both servers, filled once ---------------------------------------------------------
-nbdkit --foreground --exit-with-parent --unix "$WORK/nbdkit.sock" memory "$SIZE" &
+"${SERVER_ON[@]}" nbdkit --foreground --exit-with-parent --unix "$WORK/nbdkit.sock" memory "$SIZE" &
 PIDS+=($!)
-"$NBD_BENCH_SERVER" "$WORK/mf.sock" "$SIZE" "$BACKEND" mem >"$WORK/mf.log" 2>&1 &
+"${SERVER_ON[@]}" "$NBD_BENCH_SERVER" "$WORK/mf.sock" "$SIZE" "$BACKEND" mem >"$WORK/mf.log" 2>&1 &
 PIDS+=($!)
 wait_socket "$WORK/nbdkit.sock"
 wait_socket "$WORK/mf.sock"
@@ -104,7 +117,7 @@ done
 
 # ---- the table -----------------------------------------------------------------------
 echo "peer: $(nbdkit --version | head -1) memory; memfabric: nbd_bench_server ($BACKEND backend);" \
-  "client: $(fio --version) nbd engine; unix sockets; $SIZE; ${ROW_SECONDS}s per row;" \
+  "client: $(fio --version) nbd engine; unix sockets; $PLACEMENT; $SIZE; ${ROW_SECONDS}s per row;" \
   "median of $ROUNDS rounds"
 python3 - "$WORK" "$DEPTH" "$SEQ_DEPTH" "$ROUNDS" <<'PY'
 import json, os, statistics, sys
