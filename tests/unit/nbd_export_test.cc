@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -662,11 +663,12 @@ TEST_F(NbdExportTest, ExportNameWhileStoppingClosesSilently) {
   stopper.join();
 }
 
-// Stop while clients pipeline writes and reads, some of them vanishing mid-request and
-// some still negotiating: every connection is answered or closed within the clients'
-// timeout, no reply names a request that was not sent (or was answered before), every
-// write acknowledged is in the region, and no thread of the Export outlives Stop (under
-// ASan this is where a use after free between a connection and Stop would show).
+// Stop while clients pipeline writes and reads (each round after more replies than the
+// last), some of them vanishing mid-request and some still negotiating: every connection
+// is answered or closed within the clients' timeout, no reply names a request that was not
+// sent (or was answered before), every write acknowledged is in the region, and no thread
+// of the Export outlives Stop (under ASan this is where a use after free between a
+// connection and Stop would show).
 TEST(NbdExportStopTest, StopUnderLoadAnswersOrClosesEveryConnection) {
   constexpr int kRounds = 8;
   constexpr int kClients = 6;
@@ -690,6 +692,7 @@ TEST(NbdExportStopTest, StopUnderLoadAnswersOrClosesEveryConnection) {
       bool vanished = false;
     };
     std::vector<Outcome> outcomes(kClients);
+    std::atomic<int> replies_so_far{0};
     std::vector<std::thread> clients;
     for (int id = 0; id < kClients; ++id) {
       clients.emplace_back([&, id] {
@@ -749,6 +752,7 @@ TEST(NbdExportStopTest, StopUnderLoadAnswersOrClosesEveryConnection) {
               return;
             }
             ++out.replies;
+            replies_so_far.fetch_add(1, std::memory_order_relaxed);
             if (reply->error != 0 && reply->error != kEshutdown) {
               out.error =
                   "error " + std::to_string(reply->error) + " for handle " + std::to_string(reply->handle);
@@ -765,7 +769,12 @@ TEST(NbdExportStopTest, StopUnderLoadAnswersOrClosesEveryConnection) {
         }
       });
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(5 * round));
+    // Round r stops once the clients have had 8r replies, however slow the machine.
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (replies_so_far.load(std::memory_order_relaxed) < 8 * round &&
+           std::chrono::steady_clock::now() < give_up) {
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
     const auto started = std::chrono::steady_clock::now();
     exporter.Stop();
     const auto took = std::chrono::steady_clock::now() - started;
