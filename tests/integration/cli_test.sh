@@ -269,10 +269,19 @@ expect_in mount-sigint err "SIGINT: stopped hashing after [0-9.]+ [KMG]iB of 1 G
 expect_not_in mount-sigint out "XXH3_64"
 run rm-big "$MF" rm "$URL/big" "${C[@]}"
 expect_rc rm-big 0
+# With prefetch the pulls may all be done before a scan touches its first page (0 faults);
+# without, each of the 256 chunks of 16 KiB faults at least once in each scan.
 run bench-uffd "$MF" bench "$URL/data" --uffd --chunk 16K --json "${C[@]}"
 expect_rc bench-uffd 0
-expect_in bench-uffd out '"view":"uffd","size":4194304,"chunk":16384'
-expect_in bench-uffd out '"order":"random","mb_per_s":[0-9.]+,"faults":[1-9]'
+expect_in bench-uffd out '"view":"uffd","size":4194304,"chunk":16384,"prefetch":true'
+expect_in bench-uffd out '"order":"seq","mb_per_s":[0-9.]+,"faults":[0-9]+\},\{"order":"random","mb_per_s":[0-9.]+,'
+run bench-uffd-pull "$MF" bench "$URL/data" --uffd --chunk 16K --no-prefetch --json "${C[@]}"
+expect_rc bench-uffd-pull 0
+expect_in bench-uffd-pull out '"prefetch":false'
+for order in seq random; do
+  faults=$(sed -n "s/.*\"order\":\"$order\",\"mb_per_s\":[0-9.]*,\"faults\":\([0-9]*\)}.*/\1/p" "$WORK/bench-uffd-pull.out")
+  if ((${faults:-0} >= 256)); then pass "bench-uffd-pull: $order scan faulted $faults times"; else fail "bench-uffd-pull: $order scan faulted ${faults:-?} times, not at least 256: $(head -c 600 "$WORK/bench-uffd-pull.out")"; fi
+done
 run mount-help "$MF" mount --help
 expect_rc mount-help 0
 expect_in mount-help out "Example"
