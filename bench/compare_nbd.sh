@@ -39,6 +39,14 @@ for tool in fio nbdkit python3; do
   command -v "$tool" >/dev/null || die "$tool is missing: run scripts/setup (as root) to install the peers"
 done
 fio --enghelp 2>/dev/null | grep -qw nbd || die "this fio has no nbd engine (Debian's fio has it)"
+[[ $PIN == 0 || $PIN == 1 ]] || die "PIN is 0 or 1, not '$PIN'"
+CLIENT_ON=() SERVER_ON=() PLACEMENT="unpinned"
+if [[ $PIN == 1 ]]; then
+  ((CPUS >= 2)) || die "PIN=1 needs two CPUs or more (this machine has $CPUS)"
+  command -v taskset >/dev/null || die "taskset (util-linux) is missing"
+  CLIENT_ON=(taskset -c 0) SERVER_ON=(taskset -c "1-$((CPUS - 1))")
+  PLACEMENT="fio on CPU 0, servers on CPU 1-$((CPUS - 1))"
+fi
 
 if [[ -z "${NBD_BENCH_SERVER:-}" ]]; then
   NBD_BENCH_SERVER="$ROOT/build/release/nbd/nbd_bench_server"
@@ -47,13 +55,6 @@ if [[ -z "${NBD_BENCH_SERVER:-}" ]]; then
     cmake --build --preset release --target nbd_bench_server >/dev/null) || die "release build failed"
 fi
 [[ -x "$NBD_BENCH_SERVER" ]] || die "no nbd_bench_server at $NBD_BENCH_SERVER"
-CLIENT_ON=() SERVER_ON=() PLACEMENT="unpinned"
-if [[ $PIN == 1 ]]; then
-  ((CPUS >= 2)) || die "PIN=1 needs two CPUs or more (this machine has $CPUS)"
-  command -v taskset >/dev/null || die "taskset (util-linux) is missing"
-  CLIENT_ON=(taskset -c 0) SERVER_ON=(taskset -c "1-$((CPUS - 1))")
-  PLACEMENT="fio on CPU 0, servers on CPU 1-$((CPUS - 1))"
-fi
 
 WORK=$(mktemp -d /tmp/mf-compare-nbd.XXXXXX)
 PIDS=()
