@@ -36,6 +36,9 @@ constexpr int kMaxScanRetries = 100;
 constexpr int kMaxSyncPulls = 100;
 // Sync copies dirty chunks into their push slots this many to a call at most.
 constexpr size_t kCopyBatch = 16;
+// The fault thread waits this long before it polls again after poll(2) ran out of memory
+// (the only failure left to it): the faults keep waiting, they are not lost.
+constexpr std::chrono::milliseconds kPollRetryDelay{1};
 // /proc/self/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
 constexpr uint64_t kPagemapPresent = uint64_t{1} << 63;
 constexpr uint64_t kPagemapSwapped = uint64_t{1} << 62;
@@ -295,6 +298,7 @@ void Mapping::FaultLoop() {
     ~CallerPolling() { Set(false); }
   } caller_polling{remote_};
   Clock::time_point last_activity{};
+  bool poll_out_of_memory = false;  // warned once per stretch of failures
   for (;;) {
     const auto now = Clock::now();
     const bool waiting = fault_pulls_.load(std::memory_order_relaxed) > 0;
@@ -308,9 +312,17 @@ void Mapping::FaultLoop() {
     const int ready = ::poll(fds, 2, spinning ? 0 : -1);
     if (ready < 0) {
       if (errno == EINTR) continue;
+      if (errno == ENOMEM) {
+        // Stopping here would leave every faulting thread waiting forever.
+        if (!poll_out_of_memory) spdlog::warn("uffd mapping: poll: out of memory; polling again");
+        poll_out_of_memory = true;
+        std::this_thread::sleep_for(kPollRetryDelay);
+        continue;
+      }
       spdlog::error("uffd mapping: poll failed: {}", std::strerror(errno));
       return;
     }
+    poll_out_of_memory = false;
     if (ready == 0) continue;  // spinning, nothing new
     if (spin) last_activity = Clock::now();
     if ((fds[1].revents & POLLIN) != 0) {
