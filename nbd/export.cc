@@ -210,7 +210,10 @@ class Export::Connection final : public fabric::IoCallback {
     std::array<std::byte, kReplyHeaderCapacity> reply{};  // built by the writer
   };
 
+  // The connection's thread: Serve, log how it ended, wind down.
   void Run();
+  // The handshake and transmission; how the connection ended.
+  Status Serve();
   // Option haggling. True when the client entered transmission, false when it left.
   Result<bool> Handshake();
   Status HandleInfoOrGo(uint32_t option, std::span<const std::byte> data, bool* go);
@@ -319,6 +322,39 @@ class Export::Connection final : public fabric::IoCallback {
 };
 
 void Export::Connection::Run() {
+  // Serve's Status is gone before the connection counts as finished, as is all it
+  // allocated (the fuzz target checks each input for leaks once it is).
+  if (const Status result = Serve(); result.ok()) {
+    spdlog::info("nbd: connection {} ({}) closed", id_, peer_);
+  } else if (result.code() == Code::kUnavailable) {
+    spdlog::info("nbd: connection {} ({}) closed by the client: {}", id_, peer_, result.message());
+  } else {
+    spdlog::warn("nbd: connection {} ({}) dropped: {}", id_, peer_, result.ToString());
+  }
+  if (owner_.stopping_.load()) {
+    // A TCP socket closed with unread input sends a reset, which can discard replies still in
+    // its send queue: take what the client already sent (requests Stop will not answer).
+    for (size_t taken = 0; taken < kMaxUnreadDrain;) {
+      const ssize_t n = ::recv(fd(), input_.data(), input_.size(), MSG_DONTWAIT);
+      if (n <= 0) break;  // nothing queued (EOF after SHUT_RD, or EAGAIN) or an error
+      taken += static_cast<size_t>(n);
+    }
+  }
+  {
+    MutexLock lock(fd_mu_);
+    fd_.Reset();
+  }
+  // Nothing is in flight any more. A finished Connection is freed only by the next
+  // connection's start or by Stop: until then it holds no buffers (they may be large, and
+  // registered with the NIC or locked in memory).
+  slots_.reset();
+  large_buffer_ = fabric::Buffer();
+  zero_buffer_ = fabric::Buffer();
+  owner_.active_.fetch_sub(1);
+  finished_.store(true, std::memory_order_release);
+}
+
+Status Export::Connection::Serve() {
   {
     MutexLock lock(fd_mu_);
     peer_ = PeerName(fd_.get());
@@ -359,34 +395,7 @@ void Export::Connection::Run() {
     completed_cv_.notify_all();
     writer_.join();
   }
-  if (result.ok()) {
-    spdlog::info("nbd: connection {} ({}) closed", id_, peer_);
-  } else if (result.code() == Code::kUnavailable) {
-    spdlog::info("nbd: connection {} ({}) closed by the client: {}", id_, peer_, result.message());
-  } else {
-    spdlog::warn("nbd: connection {} ({}) dropped: {}", id_, peer_, result.ToString());
-  }
-  if (owner_.stopping_.load()) {
-    // A TCP socket closed with unread input sends a reset, which can discard replies still in
-    // its send queue: take what the client already sent (requests Stop will not answer).
-    for (size_t taken = 0; taken < kMaxUnreadDrain;) {
-      const ssize_t n = ::recv(fd(), input_.data(), input_.size(), MSG_DONTWAIT);
-      if (n <= 0) break;  // nothing queued (EOF after SHUT_RD, or EAGAIN) or an error
-      taken += static_cast<size_t>(n);
-    }
-  }
-  {
-    MutexLock lock(fd_mu_);
-    fd_.Reset();
-  }
-  // Nothing is in flight any more. A finished Connection is freed only by the next
-  // connection's start or by Stop: until then it holds no buffers (they may be large, and
-  // registered with the NIC or locked in memory).
-  slots_.reset();
-  large_buffer_ = fabric::Buffer();
-  zero_buffer_ = fabric::Buffer();
-  owner_.active_.fetch_sub(1);
-  finished_.store(true, std::memory_order_release);
+  return result;
 }
 
 Status Export::Connection::ReplyOption(uint32_t option, uint32_t type, std::string_view message) {
