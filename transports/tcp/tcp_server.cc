@@ -102,6 +102,7 @@ class TcpServer::Impl {
 
   Status Init();
   uint16_t port() const { return port_; }
+  int connections() const { return connections_.load(); }
   void Stop() MF_EXCLUDES(stop_mu_);
 
  private:
@@ -426,15 +427,15 @@ void TcpServer::Impl::Worker::Destroy(uint64_t id) {
   auto it = conns_.find(id);
   if (it == conns_.end()) return;
   Conn& c = *it->second;
-  std::string reason = c.close_reason.empty() ? "closed" : c.close_reason;
+  const std::string_view reason = c.close_reason.empty() ? std::string_view("closed") : c.close_reason;
   if (c.close_is_warning) {
     spdlog::warn("tcp server: dropping {}: {}", c.peer, reason);
   } else {
     spdlog::info("tcp server: {} disconnected: {}", c.peer, reason);
   }
   if (c.open) impl_.opens_->Detach(c.open);
-  impl_.connections_.fetch_sub(1);
   conns_.erase(it);  // closes the socket, which leaves the epoll set
+  impl_.connections_.fetch_sub(1);
 }
 
 void TcpServer::Impl::Worker::Close(Conn& c, std::string reason, bool warning) {
@@ -1089,6 +1090,9 @@ Result<std::unique_ptr<TcpServer>> TcpServer::Start(fabric::Server& server, cons
 
 uint16_t TcpServer::port() const {
   return impl_->port();
+}
+int TcpServer::connections() const {
+  return impl_->connections();
 }
 void TcpServer::Stop() {
   if (impl_) impl_->Stop();

@@ -73,6 +73,9 @@ class TcpServer {
 
   // The bound port (useful with port 0).
   uint16_t port() const;
+  // Connections being served. One leaves the count once all it held is freed (the fuzz
+  // target waits for 0 between inputs).
+  int connections() const;
   // Stops accepting, closes every connection (releasing their opens and write leases) and
   // joins the workers. Idempotent.
   void Stop();
