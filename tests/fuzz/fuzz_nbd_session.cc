@@ -4,7 +4,6 @@
 // transmission is reached without the fuzzer having to discover a handshake: bit 0 sends
 // client flags and NBD_OPT_GO "disk" first, bit 1 adds NBD_OPT_STRUCTURED_REPLY. The Export must neither
 // crash, nor hang, nor leak a connection; the next input gets a fresh connection to the same Export.
-#include <poll.h>
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -16,12 +15,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #include "fabric/memory_remote.h"
 #include "nbd/export.h"
 #include "nbd/protocol.h"
+#include "tests/fuzz/fuzz_session.h"
 
 namespace {
 
@@ -61,40 +60,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const size_t prelude = stream.size();
   stream.resize(prelude + size - 1);
   if (size > 1) std::memcpy(stream.data() + prelude, data + 1, size - 1);
-  data = reinterpret_cast<const uint8_t*>(stream.data());
-  size = stream.size();
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0) std::abort();
   if (!harness->exporter->ServeConnection(UniqueFd(sv[0])).ok()) std::abort();
   UniqueFd client(sv[1]);
-  size_t sent = 0;
-  bool write_closed = false;
-  char sink[65536];
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  for (;;) {
-    if (std::chrono::steady_clock::now() > deadline) std::abort();  // the server hung
-    if (sent == size && !write_closed) {
-      ::shutdown(client.get(), SHUT_WR);  // EOF: the server must wind down
-      write_closed = true;
-    }
-    pollfd p{client.get(), static_cast<short>(POLLIN | (write_closed ? 0 : POLLOUT)), 0};
-    if (::poll(&p, 1, 100) <= 0) continue;
-    if ((p.revents & POLLOUT) != 0 && !write_closed) {
-      ssize_t n = ::send(client.get(), data + sent, size - sent, MSG_NOSIGNAL);
-      if (n > 0) sent += static_cast<size_t>(n);
-      if (n < 0 && errno != EAGAIN) write_closed = true;
-    }
-    if ((p.revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
-      ssize_t n = ::recv(client.get(), sink, sizeof(sink), 0);
-      if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) break;  // server closed
-    }
-  }
-  // The connection's thread winds down after it closed the socket. libFuzzer counts this
-  // input's allocations and frees when it returns, and looks for leaks where they differ:
-  // wait until the connection has freed what it allocated.
-  while (harness->exporter->stats().connections_active != 0) {
-    if (std::chrono::steady_clock::now() > deadline) std::abort();  // the server hung
-    std::this_thread::sleep_for(std::chrono::microseconds(100));
-  }
+  const auto deadline = fuzz::Clock::now() + std::chrono::seconds(20);
+  fuzz::Feed(client.get(), stream, fuzz::StreamEnd::kHalfClose, deadline);
+  // The connection's thread winds down after it closed the socket.
+  fuzz::WaitUntil([&] { return harness->exporter->stats().connections_active == 0; }, deadline);
   return 0;
 }
