@@ -58,6 +58,17 @@ void AddClientFlags(CLI::App& sub, ClientFlags& flags) {
       ->check(CLI::IsMember({"hybrid", "busy", "event"}))
       ->capture_default_str()
       ->group("RDMA");
+  static_assert(transports::kDefaultConnectTimeout.count() % 1000 == 0, "the default is named in seconds");
+  if (flags.connect_timeout.empty()) {
+    flags.connect_timeout = std::to_string(transports::kDefaultConnectTimeout.count() / 1000) + "s";
+  }
+  sub.add_option("--connect-timeout", flags.connect_timeout,
+                 "How long connecting may take: TCP connect, TLS, hello and authentication (e.g. 5s, "
+                 "500ms; raise it for a slow link or an overloaded server)")
+      ->envname(kConnectTimeoutEnv)
+      ->type_name("DURATION")
+      ->capture_default_str()
+      ->group("Connection");
   AddLogLevelFlag(sub, flags.log_level);
 }
 
@@ -96,6 +107,12 @@ Result<transports::ClientOptions> MakeClientOptions(const fabric::Url& url, cons
   options.tls.cert_file = flags.tls_cert;
   options.tls.key_file = flags.tls_key;
   options.tls.server_name = flags.tls_server_name;
+  Result<std::chrono::milliseconds> connect_timeout = ParseDuration(flags.connect_timeout);
+  if (!connect_timeout.ok() || connect_timeout->count() <= 0) {
+    return InvalidArgument("--connect-timeout (or $" + std::string(kConnectTimeoutEnv) + ") '" +
+                           flags.connect_timeout + "' is not a positive duration such as 5s or 500ms");
+  }
+  options.connect_timeout = *connect_timeout;
   options.rdma.poll_mode = flags.rdma_poll == "busy"    ? transports::PollMode::kBusy
                            : flags.rdma_poll == "event" ? transports::PollMode::kEvent
                                                         : transports::PollMode::kHybrid;
@@ -145,7 +162,9 @@ std::string HintFor(const Status& status, const fabric::Url& url, const ClientFl
       }
       return "is " + address + " a memfabric server? One started with --tls-cert needs a tls:// URL";
     case Code::kTimeout:
-      return address + " did not answer in time: check the address, the port and any firewall in between";
+      return address +
+             " did not answer in time: check the address, the port and any firewall in between (over a slow "
+             "link, raise --connect-timeout)";
     case Code::kProtocolError:
       return "is " + address +
              " a memfabric server of this version? A server started with --tls-cert needs a "

@@ -28,6 +28,9 @@ constexpr int kExitOk = 0;
 constexpr int kExitRuntime = 1;        // the operation failed (server, network, I/O)
 constexpr int kExitUsage = 2;          // the command line or its configuration is wrong
 constexpr int kExitInterrupted = 128;  // + the signal (SIGINT, SIGTERM) that cut the work short
+// The environment variable that --connect-timeout defaults to (e.g. for every command of
+// a script over a slow link).
+inline constexpr char kConnectTimeoutEnv[] = "MEMFABRIC_CONNECT_TIMEOUT";
 
 // One subcommand: its CLI11 app and what runs it once parsed.
 struct Command {
@@ -57,6 +60,9 @@ struct ClientFlags {
   std::string tls_server_name;
   std::string log_level = "warn";
   std::string rdma_poll = "hybrid";  // rdma:// and auto://: how completions are awaited
+  // How long connecting (TCP connect, TLS, hello, authentication) may take; a duration
+  // for ParseDuration. Default: transports::kDefaultConnectTimeout.
+  std::string connect_timeout;
 };
 void AddClientFlags(CLI::App& sub, ClientFlags& flags);
 

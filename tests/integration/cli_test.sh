@@ -190,6 +190,32 @@ run refused "$MF" ls tcp://127.0.0.1:1 "${C[@]}"
 expect_rc refused 1
 expect_in refused err "memfabric serve"
 
+# A server that accepts but never answers: --connect-timeout bounds the wait, and the
+# error says what timed out and how to wait longer.
+python3 -c 'import socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(8)
+print(s.getsockname()[1], flush=True); time.sleep(60)' >"$WORK/silent.port" &
+SILENT_PID=$!
+for ((i = 0; i < SERVER_WAIT_TRIES; i++)); do [[ -s "$WORK/silent.port" ]] && break; sleep 0.1; done
+SILENT_URL="tcp://127.0.0.1:$(cat "$WORK/silent.port")"
+started=$SECONDS
+run silent "$MF" ls "$SILENT_URL" --connect-timeout 1s "${C[@]}"
+expect_rc silent 1
+expect_in silent err "timed out"
+expect_in silent err "raise --connect-timeout"
+if ((SECONDS - started <= 4)); then pass "silent: gave up within 4 s"; else fail "silent: took $((SECONDS - started)) s with --connect-timeout 1s"; fi
+run silent-env env MEMFABRIC_CONNECT_TIMEOUT=1s "$MF" ls "$SILENT_URL" "${C[@]}"
+expect_rc silent-env 1
+expect_in silent-env err "timed out"
+kill "$SILENT_PID" 2>/dev/null
+wait "$SILENT_PID" 2>/dev/null
+run bad-timeout "$MF" ls "$URL" --connect-timeout 0 "${C[@]}"
+expect_rc bad-timeout 2
+expect_in bad-timeout err "--connect-timeout .*'0' is not a positive duration"
+run bad-timeout-env env MEMFABRIC_CONNECT_TIMEOUT=soon "$MF" ls "$URL" "${C[@]}"
+expect_rc bad-timeout-env 2
+expect_in bad-timeout-env err "MEMFABRIC_CONNECT_TIMEOUT"
+
 run create "$MF" create "$URL/scratch" --size 1M --backing memfd "${C[@]}"
 expect_rc create 0
 expect_in create out "created .*scratch: 1 MiB, backing memfd"
