@@ -4,6 +4,12 @@
 
 set -euo pipefail
 
+# The guest is emulated (TCG) and shares the host's cores with another VM and the host's
+# tests: a connect and handshake that takes milliseconds natively once overran the client's
+# default 5 s in CI (server hello received, the reply to AUTH late). Every memfabric client
+# started by these tests gets 30 s.
+export MEMFABRIC_CONNECT_TIMEOUT=${MEMFABRIC_CONNECT_TIMEOUT:-30s}
+
 # need_vm: stop with a clear message when not inside the test VM.
 need_vm() {
   if [[ -z ${MF_VM:-} ]]; then
