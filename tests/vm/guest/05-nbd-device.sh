@@ -81,6 +81,7 @@ fi
 
 note "memfabric serve on $MF_VM_ADDR (regions disk=64M, swap=${SWAP_MIB}M hugetlb)"
 serve_rdma=()
+rm -f "$DIR/port"  # one a previous run left behind would name a dead server
 [[ $SCHEME == rdma || $SCHEME == auto ]] && serve_rdma=(--rdma on)
 spawn "$MF" serve --listen "$MF_VM_ADDR:0" --port-file "$DIR/port" --region disk=64M \
   --region "swap=${SWAP_MIB}M,backing=hugetlb" --log-level warn "${serve_rdma[@]}"
@@ -207,6 +208,7 @@ if [[ $NO_SWAP == --no-swap ]]; then
 fi
 note "4. memfabric swap $URL/swap; a process larger than free memory"
 swapoff -a 2>/dev/null || true
+: >"$DIR/swapdev"  # before the spawn, whose redirection truncates it only once it runs
 "$MF" swap "$URL/swap" --priority 100 --log-level info >"$DIR/swapdev" 2>"$DIR/swap.log" &
 swap_pid=$!
 _spawned+=("$swap_pid")
