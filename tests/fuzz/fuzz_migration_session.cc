@@ -39,7 +39,6 @@ constexpr size_t kChunk = 16u << 10;
 constexpr size_t kMaxTransfer = 64u << 10;
 // Every wait of either side: short, as the input always ends with EOF anyway.
 constexpr milliseconds kTimeout{500};
-constexpr auto kInputDeadline = std::chrono::seconds(20);
 constexpr uint8_t kSideSeeder = 1;
 constexpr uint8_t kPrelude = 2;
 constexpr uint8_t kAuthenticate = 4;
@@ -135,7 +134,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       RunLeecher(*harness, std::move(fd));
     }
   });  // its side of the socket closes when it ends
-  fuzz::Feed(peer.get(), stream, fuzz::StreamEnd::kHalfClose, fuzz::Clock::now() + kInputDeadline);
+  fuzz::Feed(peer.get(), stream, fuzz::StreamEnd::kHalfClose, fuzz::InputDeadline());
   side.join();
   return 0;
 }

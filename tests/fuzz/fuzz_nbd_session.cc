@@ -64,7 +64,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) != 0) std::abort();
   if (!harness->exporter->ServeConnection(UniqueFd(sv[0])).ok()) std::abort();
   UniqueFd client(sv[1]);
-  const auto deadline = fuzz::Clock::now() + std::chrono::seconds(20);
+  const auto deadline = fuzz::InputDeadline();
   fuzz::Feed(client.get(), stream, fuzz::StreamEnd::kHalfClose, deadline);
   // The connection's thread winds down after it closed the socket.
   fuzz::WaitUntil([&] { return harness->exporter->stats().connections_active == 0; }, deadline);

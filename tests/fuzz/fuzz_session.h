@@ -19,6 +19,12 @@ namespace mf::fuzz {
 
 using Clock = std::chrono::steady_clock;
 
+// How long one input may take before the harness calls it a hang (and aborts).
+inline constexpr auto kInputDeadline = std::chrono::seconds(20);
+inline Clock::time_point InputDeadline() {
+  return Clock::now() + kInputDeadline;
+}
+
 // How a fed stream ends once all of it is sent.
 enum class StreamEnd : uint8_t {
   kHalfClose,  // shutdown(SHUT_WR): the server sees EOF and must wind down

@@ -38,7 +38,6 @@ namespace wire = mf::tcp::wire;
 
 constexpr uint64_t kRegionSize = 1u << 20;
 constexpr char kRegionName[] = "r";
-constexpr auto kInputDeadline = std::chrono::seconds(20);
 // The client's timeouts: short, as the fake server may fall silent.
 constexpr auto kClientTimeout = std::chrono::milliseconds(300);
 constexpr int kQueueDepth = 4;
@@ -203,7 +202,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return new FakeServer();  // lives for the process
   }();
   if (size == 0) return 0;
-  const auto deadline = tcp::Clock::now() + kInputDeadline;
+  const auto deadline = fuzz::InputDeadline();
   const uint8_t mode = data[0] & 1;
   server->Start(mode, std::span(reinterpret_cast<const std::byte*>(data) + 1, size - 1), deadline);
   {

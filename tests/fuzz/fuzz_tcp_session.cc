@@ -35,7 +35,6 @@ namespace wire = mf::tcp::wire;
 
 constexpr uint64_t kRegionSize = 1u << 20;
 constexpr char kRegionName[] = "r";
-constexpr auto kInputDeadline = std::chrono::seconds(20);
 
 struct Harness {
   Harness() {
@@ -126,7 +125,7 @@ bool AttachToRegion(tcp::Stream& control, tcp::Stream& data, bool writable, tcp:
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static Harness* harness = new Harness();  // lives for the process
   if (size == 0) return 0;
-  const auto deadline = tcp::Clock::now() + kInputDeadline;
+  const auto deadline = fuzz::InputDeadline();
   const uint8_t mode = data[0] & 3;
   const std::span<const std::byte> stream(reinterpret_cast<const std::byte*>(data) + 1, size - 1);
   const uint16_t port = harness->tcp->port();
