@@ -477,7 +477,13 @@ Result<MigrationStats> Seeder::Finalize() {
   while (ready.ok() && ready->type == wire::Type::kProgress) {
     local_bytes_.store(ready->progress_bytes);
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(ready_deadline - Clock::now());
-    ready = channel_.Receive(std::max(left, std::chrono::milliseconds(1)));
+    if (left.count() <= 0) {
+      // A stream of PROGRESS does not stretch the deadline.
+      ready = Status(Code::kTimeout, "no READY within " + std::to_string(options_.ready_timeout.count()) +
+                                         " ms (the destination still reports progress)");
+      break;
+    }
+    ready = channel_.Receive(left);
   }
   if (!ready.ok())
     return Abort(ready.status().WithContext("waiting for the destination's pre-copy"), false, false);

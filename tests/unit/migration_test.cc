@@ -510,6 +510,36 @@ TEST_F(MigrationTest, DestinationGoneMidPullLeavesTheSourceRunning) {
   ExpectSourceWritable();
 }
 
+TEST_F(MigrationTest, ADestinationThatOnlyReportsProgressTimesOut) {
+  constexpr milliseconds kReadyTimeout{300};
+  constexpr auto kReportFor = std::chrono::seconds(5);
+  auto seeder = Seeder::Start(*source_, std::move(source_fd_), [&] {
+    SeederOptions o = Hooks();
+    o.ready_timeout = kReadyTimeout;
+    return o;
+  }());
+  ASSERT_TRUE(seeder.ok());
+  // A destination that reports progress as fast as it can and never gets ready.
+  MigrationChannel dest(std::move(dest_fd_));
+  std::atomic<bool> stop{false};
+  std::thread reporter([&] {
+    const auto until = std::chrono::steady_clock::now() + kReportFor;
+    for (uint64_t n = 1; !stop.load() && std::chrono::steady_clock::now() < until; ++n) {
+      if (!dest.Send(wire::MakeProgress(n), milliseconds(1000)).ok()) return;
+    }
+  });
+  const auto start = std::chrono::steady_clock::now();
+  auto stats = (*seeder)->Finalize();
+  const auto took = std::chrono::steady_clock::now() - start;
+  stop.store(true);
+  reporter.join();
+  ASSERT_FALSE(stats.ok());
+  EXPECT_EQ(stats.status().code(), Code::kTimeout) << stats.status().ToString();
+  EXPECT_LT(took, kReportFor / 2) << "the reports stretched the READY deadline";
+  EXPECT_EQ(suspends_, 0);
+  ExpectSourceWritable();
+}
+
 TEST_F(MigrationTest, FailingSuspendHookAbortsAndResumes) {
   auto seeder = Seeder::Start(*source_, std::move(source_fd_), [this] {
     SeederOptions o = Hooks();
