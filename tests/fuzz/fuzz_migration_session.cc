@@ -14,6 +14,7 @@
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -120,7 +121,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) std::abort();
   UniqueFd side_fd(sv[0]);
   UniqueFd peer(sv[1]);
+  std::atomic<bool> done{false};
   std::thread side([&, fd = std::move(side_fd)]() mutable {
+    struct MarkDone {
+      std::atomic<bool>& done;
+      ~MarkDone() { done.store(true); }
+    } mark_done{done};
     if ((mode & kAuthenticate) != 0) {
       const auto as = seeder ? fabric::MigrationSide::kSource : fabric::MigrationSide::kDestination;
       auto authenticated = fabric::AuthenticateChannel(std::move(fd), harness->secret, as, kTimeout);
@@ -134,7 +140,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       RunLeecher(*harness, std::move(fd));
     }
   });  // its side of the socket closes when it ends
-  fuzz::Feed(peer.get(), stream, fuzz::StreamEnd::kHalfClose, fuzz::InputDeadline());
+  const auto deadline = fuzz::InputDeadline();
+  fuzz::Feed(peer.get(), stream, fuzz::StreamEnd::kHalfClose, deadline);
+  fuzz::WaitUntil([&] { return done.load(); }, deadline);  // a side that never ends aborts, not hangs
   side.join();
   return 0;
 }
