@@ -13,7 +13,9 @@
 # server thread were often seen sharing one CPU for a while, and one row's rounds spread
 # from 0.7x to 1.3x for either server. The table prints the median of
 # the rounds: IOPS (MB/s for the 1 MiB rows), p50/p99 latency, the ratio memfabric/nbdkit
-# of the medians, and the lowest and highest per-round ratio.
+# of the medians, the lowest and highest per-round ratio, and fio's own CPU use. fio drives
+# a job from one thread: where that thread is near 100% busy (the 4 KiB QD16 rows on two
+# CPUs), the row is bound by the client and shows little of the server's own speed.
 #
 # Usage: bench/compare_nbd.sh
 # Environment: ROUNDS (default 5), ROW_SECONDS (default 3), SIZE (default 1G), DEPTH (16),
@@ -131,7 +133,8 @@ def one(side, name):
     data = job["write"] if "write" in rw else job["read"]
     pct = data["lat_ns"].get("percentile", {})
     return {"iops": data["iops"], "mbs": data["bw_bytes"] / 1e6,
-            "p50": pct.get("50.000000", 0) / 1000.0, "p99": pct.get("99.000000", 0) / 1000.0}
+            "p50": pct.get("50.000000", 0) / 1000.0, "p99": pct.get("99.000000", 0) / 1000.0,
+            "cpu": job["usr_cpu"] + job["sys_cpu"]}
 
 def row(side, name):  # the median of the rounds, per figure, and the per-round figures
     runs = [one(side, f"{name}-r{r}") for r in range(1, rounds + 1)]
@@ -139,9 +142,9 @@ def row(side, name):  # the median of the rounds, per figure, and the per-round 
 
 names = [f"randread-4K-1", f"randread-4K-{depth}", f"randwrite-4K-1", f"randwrite-4K-{depth}",
          f"read-1M-{seq_depth}", f"write-1M-{seq_depth}"]
-fmt = "{:<24} {:>10} {:>10} {:>6} {:>11}   {:>9} {:>9} {:>6}   {:>9} {:>9}"
+fmt = "{:<24} {:>10} {:>10} {:>6} {:>11}   {:>9} {:>9} {:>6}   {:>9} {:>9}   {:>7} {:>6}"
 head = fmt.format("row", "nbdkit", "memfabric", "ratio", "round range", "p50us nbd", "p50us mf", "ratio",
-                  "p99us nbd", "p99us mf")
+                  "p99us nbd", "p99us mf", "fio%nbd", "fio%mf")
 print(head)
 print("-" * len(head))
 def ratio(a, b): return f"{a / b:.2f}" if b else "-"
@@ -155,7 +158,8 @@ for name in names:
     print(fmt.format(f"{pattern} {block} QD{qd} {unit}", f"{p[key]:.0f}", f"{m[key]:.0f}", ratio(m[key], p[key]),
                      spread,
                      f"{p['p50']:.1f}", f"{m['p50']:.1f}", ratio(m["p50"], p["p50"]), f"{p['p99']:.1f}",
-                     f"{m['p99']:.1f}"))
+                     f"{m['p99']:.1f}", f"{p['cpu']:.0f}", f"{m['cpu']:.0f}"))
 print("ratio = memfabric / nbdkit of the medians: above 1 is better for memfabric in throughput, below 1 in"
-      " latency; round range = the lowest and highest ratio of one round")
+      " latency; round range = the lowest and highest ratio of one round; fio% = the CPU use of the client"
+      " (one thread, user + system): near 100 the row measures the client more than the server")
 PY
