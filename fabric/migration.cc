@@ -474,16 +474,21 @@ Result<MigrationStats> Seeder::Finalize() {
   // meanwhile).
   const auto ready_deadline = Clock::now() + options_.ready_timeout;
   auto ready = channel_.Receive(options_.ready_timeout);
+  bool reported = false;  // the destination sent PROGRESS
   while (ready.ok() && ready->type == wire::Type::kProgress) {
+    reported = true;
     local_bytes_.store(ready->progress_bytes);
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(ready_deadline - Clock::now());
-    if (left.count() <= 0) {
-      // A stream of PROGRESS does not stretch the deadline.
-      ready = Status(Code::kTimeout, "no READY within " + std::to_string(options_.ready_timeout.count()) +
-                                         " ms (the destination still reports progress)");
+    if (left.count() <= 0) {  // a stream of PROGRESS does not stretch the deadline
+      ready = Status(Code::kTimeout, "");
       break;
     }
     ready = channel_.Receive(left);
+  }
+  if (!ready.ok() && ready.status().code() == Code::kTimeout && reported) {
+    ready = Status(Code::kTimeout, "no READY within " + std::to_string(options_.ready_timeout.count()) +
+                                       " ms; the destination reported progress up to " +
+                                       std::to_string(local_bytes_.load()) + " bytes");
   }
   if (!ready.ok())
     return Abort(ready.status().WithContext("waiting for the destination's pre-copy"), false, false);

@@ -535,6 +535,8 @@ TEST_F(MigrationTest, ADestinationThatOnlyReportsProgressTimesOut) {
   reporter.join();
   ASSERT_FALSE(stats.ok());
   EXPECT_EQ(stats.status().code(), Code::kTimeout) << stats.status().ToString();
+  EXPECT_NE(stats.status().ToString().find("reported progress up to"), std::string::npos)
+      << stats.status().ToString();
   EXPECT_LT(took, kReportFor / 2) << "the reports stretched the READY deadline";
   EXPECT_EQ(suspends_, 0);
   ExpectSourceWritable();
