@@ -211,6 +211,15 @@ Status Mapping::Init() {
   }
   wake_fd_.Reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!wake_fd_) return Status::FromErrno(errno, "eventfd");
+  if (!uffd_->has(UFFD_FEATURE_POISON)) {
+    // Made now, not when a chunk fails: a program out of file descriptors then would have
+    // its faulting thread wait for a memfd_create that keeps failing.
+    failed_chunk_fd_.Reset(::memfd_create("memfabric-failed-chunk", MFD_CLOEXEC));
+    if (!failed_chunk_fd_) {
+      return Status::FromErrno(
+          errno, "memfd_create (without UFFDIO_POISON a failed chunk is mapped from an empty memfd)");
+    }
+  }
 
   const int prot = writable ? PROT_READ | PROT_WRITE : PROT_READ;
   void* addr = ::mmap(nullptr, size_, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -780,9 +789,8 @@ void Mapping::FailLoop() {
     }
     if (!done_before) {
       // The mmap returns once the fault thread has read the unmap event it raises.
-      UniqueFd empty(::memfd_create("memfabric-failed-chunk", MFD_CLOEXEC));
-      const bool mapped = empty && ::mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
-                                          empty.get(), 0) != MAP_FAILED;
+      const bool mapped = ::mmap(addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+                                 failed_chunk_fd_.get(), 0) != MAP_FAILED;
       const int err = errno;
       // The unmap event the mmap raised, if any (none where nothing of the range was ours
       // any more), has been read: once it is handled, an entry still pending is stale.

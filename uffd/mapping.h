@@ -291,6 +291,9 @@ class Mapping {
   std::optional<Userfaultfd> uffd_;
   UniqueFd wake_fd_;     // eventfd: wakes the fault thread (pending faults, shutdown)
   UniqueFd pagemap_fd_;  // /proc/self/pagemap: PAGEMAP_SCAN, and KeepIfPagesLeft's reads
+  // Kernels without UFFDIO_POISON: an empty memfd (size 0: every access raises SIGBUS) that
+  // FailLoop maps over failed ranges. Set before the threads start, then only read.
+  UniqueFd failed_chunk_fd_;
   MappedMemory memory_;
   std::byte* base_ = nullptr;
   fabric::Buffer pull_buffer_;  // fault_depth slots of chunk_size, prefetch_depth of run_chunks_
