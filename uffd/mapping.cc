@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <poll.h>
+#include <signal.h>
 #include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -191,8 +192,9 @@ Status Mapping::Init() {
   }
   // Without POISON, failing a chunk maps over it, which raises an unmap event of our own:
   // FailLoop does that on a thread of its own, and HandleUnmap knows its ranges.
-  uint64_t wanted =
-      UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_POISON;
+  // THREAD_ID: a fault FailLoop cannot map over gets SIGBUS sent to its thread.
+  uint64_t wanted = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_UNMAP |
+                    UFFD_FEATURE_POISON | UFFD_FEATURE_THREAD_ID;
   if (tracking_ != WriteTracking::kOff) wanted |= UFFD_FEATURE_PAGEFAULT_FLAG_WP;
   if (tracking_ == WriteTracking::kAsync) wanted |= UFFD_FEATURE_WP_ASYNC;
   MF_ASSIGN_OR_RETURN(Userfaultfd uffd, Userfaultfd::Open(wanted));
@@ -368,7 +370,7 @@ void Mapping::FaultLoop() {
           if ((msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0) {
             HandleWriteProtect(msg.arg.pagefault.address);
           } else {
-            HandleMissing(msg.arg.pagefault.address);
+            HandleMissing(msg.arg.pagefault.address, msg.arg.pagefault.feat.ptid);
           }
           break;
         case UFFD_EVENT_REMOVE: HandleRemove(msg.arg.remove.start, msg.arg.remove.end); break;
@@ -386,8 +388,9 @@ void Mapping::FaultLoop() {
   }
 }
 
-void Mapping::HandleMissing(uint64_t address) {
+void Mapping::HandleMissing(uint64_t address, uint32_t thread) {
   counters_.faults.fetch_add(1, std::memory_order_relaxed);
+  if (fail_loop_running_.load(std::memory_order_acquire) && SignalIfUnfailable(address, thread)) return;
   const auto base = reinterpret_cast<uint64_t>(base_);
   if (address < base || address >= base + size_) {
     // A fault on a range moved away by mremap: it cannot be served.
@@ -421,7 +424,7 @@ void Mapping::HandleMissing(uint64_t address) {
       unsigned char resident = 0;
       if (::mincore(page, kPageSize, &resident) == 0 && (resident & 1) == 0) {
         chunks_.Drop(chunk);
-        HandleMissing(address);
+        HandleMissing(address, thread);
         return;
       }
       (void)uffd_->Wake(ChunkAddress(chunk), ChunkLength(chunk));
@@ -801,12 +804,34 @@ void Mapping::FailLoop() {
       if (mapped) {
         replaced_.push_back(range);
       } else {
-        spdlog::error("uffd mapping: cannot fail {} bytes at {}: {}", len, static_cast<void*>(addr),
-                      std::strerror(err));
+        // Woken below, the waiters fault again and SignalIfUnfailable sends them SIGBUS.
+        spdlog::error(
+            "uffd mapping: cannot map an empty file over {} bytes at {} to make their accesses raise "
+            "SIGBUS: {}; threads that touch them are sent SIGBUS instead",
+            len, static_cast<void*>(addr), std::strerror(err));
+        unfailable_.push_back(range);
       }
     }
     (void)uffd_->Wake(addr, len);
   }
+}
+
+bool Mapping::SignalIfUnfailable(uint64_t address, uint32_t thread) {
+  {
+    MutexLock lock(fail_mu_);
+    if (std::none_of(unfailable_.begin(), unfailable_.end(),
+                     [address](const auto& r) { return address >= r.first && address < r.second; })) {
+      return false;
+    }
+  }
+  // Without the thread's id (no THREAD_ID) FailLoop tries its mmap again.
+  if (thread == 0) return false;
+  // The signal ends the thread's wait in the fault. Unlike a SIGBUS the kernel raises for
+  // the access, it carries no address (si_code SI_TKILL) and waits while the thread blocks it.
+  if (::tgkill(::getpid(), static_cast<pid_t>(thread), SIGBUS) != 0) {
+    spdlog::debug("uffd mapping: tgkill SIGBUS to thread {}: {}", thread, std::strerror(errno));
+  }
+  return true;
 }
 
 bool Mapping::OwnUnmap(uint64_t start, uint64_t end) {

@@ -192,7 +192,11 @@ class Mapping {
   std::byte* PullStaging(size_t slot) const;
 
   void FaultLoop();
-  void HandleMissing(uint64_t address) MF_EXCLUDES(mu_);
+  // `thread`: the faulting thread's id (UFFD_FEATURE_THREAD_ID), 0 if unknown.
+  void HandleMissing(uint64_t address, uint32_t thread) MF_EXCLUDES(mu_);
+  // A fault in a range FailLoop could not map over: sends SIGBUS to `thread` itself and
+  // returns true; the thread's fault ends with the signal.
+  bool SignalIfUnfailable(uint64_t address, uint32_t thread) MF_EXCLUDES(fail_mu_);
   void HandleWriteProtect(uint64_t address) MF_EXCLUDES(mu_);
   void HandleRemove(uint64_t start, uint64_t end);
   void HandleUnmap(uint64_t start, uint64_t end) MF_EXCLUDES(mu_);
@@ -318,6 +322,9 @@ class Mapping {
   std::deque<std::pair<uint64_t, uint64_t>> fail_queue_ MF_GUARDED_BY(fail_mu_);
   std::vector<std::pair<uint64_t, uint64_t>> own_unmaps_ MF_GUARDED_BY(fail_mu_);
   std::vector<std::pair<uint64_t, uint64_t>> replaced_ MF_GUARDED_BY(fail_mu_);
+  // Ranges whose mmap failed (e.g. the process is at vm.max_map_count): their faults get
+  // SIGBUS by tgkill instead (SignalIfUnfailable).
+  std::vector<std::pair<uint64_t, uint64_t>> unfailable_ MF_GUARDED_BY(fail_mu_);
   bool fail_exit_ MF_GUARDED_BY(fail_mu_) = false;
 
   mutable Mutex mu_;

@@ -2,6 +2,7 @@
 // over TCP and RDMA are in tests/integration and tests/vm).
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <malloc.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -11,15 +12,19 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <functional>
 #include <random>
 #include <thread>
+#include <vector>
 
+#include "fabric/log.h"
 #include "fabric/memory_remote.h"
 #include "tests/death_test_util.h"
 #include "uffd/mapping.h"
+#include "uffd/userfaultfd.h"
 
 namespace mf::uffd {
 namespace {
@@ -595,6 +600,59 @@ TEST(MappingDeathTest, UnservableFaultRaisesSigbusWithNoFileDescriptorLeft) {
         _exit(0);
       },
       mf::testing::DiedOf(SIGBUS), mf::testing::DeathMessage(SIGBUS));
+}
+
+// A program at vm.max_map_count still gets SIGBUS for a fault that cannot be served.
+// Without UFFDIO_POISON (the VM's kernel) a failed chunk is mapped over from an empty memfd;
+// that mmap splits the mapping, which the kernel refuses at the limit (ENOMEM), and the
+// faulting thread then faulted, failed and was woken forever. Now it is sent SIGBUS.
+TEST(MappingDeathTest, UnservableFaultRaisesSigbusAtTheMapCountLimit) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  if (mf::testing::kUnderAsan) {
+    GTEST_SKIP() << "ASan's allocator needs mappings of its own and reports its failure to get one. The "
+                    "dev preset runs this, in the VM too";
+  }
+  constexpr size_t kRegion = 4u << 20;
+  constexpr size_t kChunk = 64u << 10;
+  constexpr size_t kMaxMappings = 1u << 20;  // far above any vm.max_map_count default
+  constexpr size_t kHeapReserve = 32u << 20;
+  auto region = std::make_shared<MemoryRegion>("map-count", kRegion);
+  auto features = mf::uffd::Userfaultfd::AvailableFeatures();
+  ASSERT_TRUE(features.ok()) << features.status().ToString();
+  // Without POISON the log says which way the SIGBUS came.
+  const char* expected_log =
+      (*features & UFFD_FEATURE_POISON) != 0 ? "" : "threads that touch them are sent SIGBUS instead";
+  EXPECT_EXIT(
+      {
+        ::alarm(20);  // the old livelock ends as SIGALRM, not SIGBUS
+        // At the limit malloc could not map a new arena or a large block: every thread
+        // allocates from the main heap, grown now and never trimmed.
+        if (::mallopt(M_ARENA_MAX, 1) != 1 || ::mallopt(M_MMAP_MAX, 0) != 1 ||
+            ::mallopt(M_TRIM_THRESHOLD, static_cast<int>(2 * kHeapReserve)) != 1) {
+          _exit(2);
+        }
+        std::free(std::malloc(kHeapReserve));
+        if (!mf::InitLogging("info").ok()) _exit(2);  // to stderr, which the matcher reads
+        MemoryRemote remote(region, false);
+        remote.FailNext(kRegion, Status(Code::kUnavailable, "server gone"));
+        auto m = Mapping::Create(remote, NoPrefetch(kChunk));
+        if (!m.ok()) _exit(3);
+        // One-page mappings, alternately readable and not so that none merge, until the
+        // kernel refuses one.
+        std::vector<void*> pages;
+        pages.reserve(kMaxMappings);
+        for (size_t i = 0; i < kMaxMappings; ++i) {
+          void* p = ::mmap(nullptr, kPageSize, i % 2 == 0 ? PROT_READ : PROT_NONE,
+                           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+          if (p == MAP_FAILED) break;
+          pages.push_back(p);
+        }
+        if (errno != ENOMEM || pages.empty()) _exit(4);
+        volatile std::byte b = (*m)->data()[kRegion / 2 + 5000];
+        (void)b;
+        _exit(0);
+      },
+      mf::testing::DiedOf(SIGBUS), expected_log);
 }
 
 // A chunk partly unmapped whose pull fails: its pages still mapped must raise SIGBUS. A
