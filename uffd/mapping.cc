@@ -12,8 +12,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <span>
+#include <string>
 
 namespace mf::uffd {
 namespace {
@@ -292,6 +294,17 @@ void Mapping::Notify() {
   (void)!::write(wake_fd_.get(), &one, sizeof(one));
 }
 
+void Mapping::FaultThreadCannotGoOn(const std::string& why) {
+  // Returning would leave every thread that touches the range, and Close, waiting forever;
+  // an error these calls cannot return here (EINVAL, EFAULT) is a bug, so stop loudly.
+  spdlog::critical(
+      "uffd mapping of '{}': the fault thread cannot go on ({}); faults on the range can no "
+      "longer be served; aborting",
+      remote_.info().name, why);
+  spdlog::shutdown();
+  std::abort();
+}
+
 void Mapping::FaultLoop() {
   uffd_msg messages[kMessageBatch];
   pollfd fds[2] = {{uffd_->fd(), POLLIN, 0}, {wake_fd_.get(), POLLIN, 0}};
@@ -330,8 +343,10 @@ void Mapping::FaultLoop() {
         std::this_thread::sleep_for(kPollRetryDelay);
         continue;
       }
-      spdlog::error("uffd mapping: poll failed: {}", std::strerror(errno));
-      return;
+      const int err = errno;
+      // EINVAL: more descriptors than RLIMIT_NOFILE (the program lowered it below 2).
+      FaultThreadCannotGoOn(std::string("poll: ") + std::strerror(err) +
+                            (err == EINVAL ? " (RLIMIT_NOFILE is below the 2 descriptors it waits on)" : ""));
     }
     poll_out_of_memory = false;
     if (ready == 0) continue;  // spinning, nothing new
@@ -359,10 +374,7 @@ void Mapping::FaultLoop() {
     // Held from the read to the end of the handling (see events_mu_).
     MutexLock events_lock(events_mu_);
     auto n = uffd_->ReadMessages(messages);
-    if (!n.ok()) {
-      spdlog::error("uffd mapping: {}", n.status().ToString());
-      return;
-    }
+    if (!n.ok()) FaultThreadCannotGoOn(n.status().ToString());
     for (size_t i = 0; i < *n; ++i) {
       const uffd_msg& msg = messages[i];
       switch (msg.event) {

@@ -192,6 +192,8 @@ class Mapping {
   std::byte* PullStaging(size_t slot) const;
 
   void FaultLoop();
+  // The fault thread's poll or read of the userfaultfd failed for good: logs and aborts.
+  [[noreturn]] void FaultThreadCannotGoOn(const std::string& why);
   // `thread`: the faulting thread's id (UFFD_FEATURE_THREAD_ID), 0 if unknown.
   void HandleMissing(uint64_t address, uint32_t thread) MF_EXCLUDES(mu_);
   // A fault in a range FailLoop could not map over: sends SIGBUS to `thread` itself and

@@ -655,6 +655,39 @@ TEST(MappingDeathTest, UnservableFaultRaisesSigbusAtTheMapCountLimit) {
       mf::testing::DiedOf(SIGBUS), expected_log);
 }
 
+// The fault thread's poll fails (EINVAL) once the program sets RLIMIT_NOFILE below the two
+// descriptors it waits on. The thread used to return, and the next fault waited forever;
+// now the process aborts with a message that says why.
+TEST(MappingDeathTest, FaultThreadThatCannotPollAbortsWithTheReason) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  if (mf::testing::kUnderAsan) {
+    GTEST_SKIP() << "UBSan's type check of a virtual call tests that the vtable is readable through a "
+                    "pipe, which RLIMIT_NOFILE 1 forbids: it reports the fault thread's own std::thread "
+                    "state as invalid. The dev preset runs this, in the VM too";
+  }
+  constexpr size_t kChunk = 64u << 10;
+  auto region = std::make_shared<MemoryRegion>("no-poll", 1u << 20);
+  EXPECT_EXIT(
+      {
+        ::alarm(20);                                  // the old hang ends as SIGALRM, not SIGABRT
+        if (!mf::InitLogging("info").ok()) _exit(2);  // to stderr, which the matcher reads
+        MemoryRemote remote(region, false);
+        auto m = Mapping::Create(remote, NoPrefetch(kChunk));
+        if (!m.ok()) _exit(3);
+        rlimit limit{};
+        if (::getrlimit(RLIMIT_NOFILE, &limit) != 0) _exit(4);
+        limit.rlim_cur = 1;
+        if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) _exit(5);
+        // The first fault is served by the poll the thread was in; the thread polls anew
+        // after it, and the second fault waits on that poll.
+        volatile std::byte b = (*m)->data()[0];
+        b = (*m)->data()[kChunk];
+        (void)b;
+        _exit(0);
+      },
+      ::testing::KilledBySignal(SIGABRT), "fault thread cannot go on \\(poll: .*RLIMIT_NOFILE");
+}
+
 // A chunk partly unmapped whose pull fails: its pages still mapped must raise SIGBUS. A
 // poison of the whole chunk, hole included, failed every time and the fault came back
 // forever.
