@@ -295,8 +295,7 @@ void Mapping::Notify() {
 }
 
 void Mapping::FaultThreadCannotGoOn(const std::string& why) {
-  // Returning would leave every thread that touches the range, and Close, waiting forever;
-  // an error these calls cannot return here (EINVAL, EFAULT) is a bug, so stop loudly.
+  // Returning would leave every thread that touches the range, and Close, waiting forever.
   spdlog::critical(
       "uffd mapping of '{}': the fault thread cannot go on ({}); faults on the range can no "
       "longer be served; aborting",
@@ -506,6 +505,12 @@ void Mapping::ForgetWritesIfWhollyIn(uint64_t chunk, uint64_t start, uint64_t en
 
 void Mapping::HandleUnmap(uint64_t start, uint64_t end) {
   if (OwnUnmap(start, end)) return;  // FailLoop's memfd over a failed chunk
+  {
+    // Whatever is mapped there later is not a failed chunk's (mremap may move registered
+    // memory onto it).
+    MutexLock lock(fail_mu_);
+    std::erase_if(unfailable_, [&](const auto& r) { return r.first < end && start < r.second; });
+  }
   const auto base = reinterpret_cast<uint64_t>(base_);
   start = std::max(start, base);
   end = std::min(end, base + size_);
@@ -798,7 +803,9 @@ void Mapping::FailLoop() {
     bool done_before = false;
     {
       MutexLock lock(fail_mu_);
-      done_before = std::find(replaced_.begin(), replaced_.end(), range) != replaced_.end();
+      // Queued again by a fault that came before the first try ended.
+      done_before = std::find(replaced_.begin(), replaced_.end(), range) != replaced_.end() ||
+                    std::find(unfailable_.begin(), unfailable_.end(), range) != unfailable_.end();
       // Before the mmap: its unmap event may be handled after the mmap has returned.
       if (!done_before) own_unmaps_.push_back(range);
     }
@@ -810,18 +817,19 @@ void Mapping::FailLoop() {
       // The unmap event the mmap raised, if any (none where nothing of the range was ours
       // any more), has been read: once it is handled, an entry still pending is stale.
       WaitForReadEvents();
-      MutexLock lock(fail_mu_);
-      auto pending = std::find(own_unmaps_.begin(), own_unmaps_.end(), range);
-      if (pending != own_unmaps_.end()) own_unmaps_.erase(pending);
-      if (mapped) {
-        replaced_.push_back(range);
-      } else {
-        // Woken below, the waiters fault again and SignalIfUnfailable sends them SIGBUS.
+      {
+        MutexLock lock(fail_mu_);
+        auto pending = std::find(own_unmaps_.begin(), own_unmaps_.end(), range);
+        if (pending != own_unmaps_.end()) own_unmaps_.erase(pending);
+        // Unmappable: woken below, the waiters fault again and SignalIfUnfailable sends
+        // them SIGBUS.
+        (mapped ? replaced_ : unfailable_).push_back(range);
+      }
+      if (!mapped) {  // outside fail_mu_: a stderr that blocks must not stall the fault thread
         spdlog::error(
             "uffd mapping: cannot map an empty file over {} bytes at {} to make their accesses raise "
             "SIGBUS: {}; threads that touch them are sent SIGBUS instead",
             len, static_cast<void*>(addr), std::strerror(err));
-        unfailable_.push_back(range);
       }
     }
     (void)uffd_->Wake(addr, len);
@@ -841,7 +849,11 @@ bool Mapping::SignalIfUnfailable(uint64_t address, uint32_t thread) {
   // The signal ends the thread's wait in the fault. Unlike a SIGBUS the kernel raises for
   // the access, it carries no address (si_code SI_TKILL) and waits while the thread blocks it.
   if (::tgkill(::getpid(), static_cast<pid_t>(thread), SIGBUS) != 0) {
-    spdlog::debug("uffd mapping: tgkill SIGBUS to thread {}: {}", thread, std::strerror(errno));
+    // ESRCH: not a thread of this process (a debugger's or /proc/PID/mem reader's access).
+    spdlog::error(
+        "uffd mapping: cannot send SIGBUS to thread {}, which touched an unservable page: {}; it "
+        "keeps waiting",
+        thread, std::strerror(errno));
   }
   return true;
 }

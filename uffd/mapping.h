@@ -201,7 +201,7 @@ class Mapping {
   bool SignalIfUnfailable(uint64_t address, uint32_t thread) MF_EXCLUDES(fail_mu_);
   void HandleWriteProtect(uint64_t address) MF_EXCLUDES(mu_);
   void HandleRemove(uint64_t start, uint64_t end);
-  void HandleUnmap(uint64_t start, uint64_t end) MF_EXCLUDES(mu_);
+  void HandleUnmap(uint64_t start, uint64_t end) MF_EXCLUDES(mu_, fail_mu_);
   // Unmapped pages [start, end) covering the whole chunk took its unsynced writes with
   // them: it leaves the dirty set (nothing to push).
   void ForgetWritesIfWhollyIn(uint64_t chunk, uint64_t start, uint64_t end);
@@ -325,7 +325,7 @@ class Mapping {
   std::vector<std::pair<uint64_t, uint64_t>> own_unmaps_ MF_GUARDED_BY(fail_mu_);
   std::vector<std::pair<uint64_t, uint64_t>> replaced_ MF_GUARDED_BY(fail_mu_);
   // Ranges whose mmap failed (e.g. the process is at vm.max_map_count): their faults get
-  // SIGBUS by tgkill instead (SignalIfUnfailable).
+  // SIGBUS by tgkill instead (SignalIfUnfailable). Forgotten where the program unmaps.
   std::vector<std::pair<uint64_t, uint64_t>> unfailable_ MF_GUARDED_BY(fail_mu_);
   bool fail_exit_ MF_GUARDED_BY(fail_mu_) = false;
 
