@@ -300,7 +300,7 @@ void Mapping::FaultThreadCannotGoOn(const std::string& why) {
       "uffd mapping of '{}': the fault thread cannot go on ({}); faults on the range can no "
       "longer be served; aborting",
       remote_.info().name, why);
-  spdlog::shutdown();
+  spdlog::default_logger()->flush();  // not shutdown(): other threads may be logging
   std::abort();
 }
 
@@ -349,6 +349,9 @@ void Mapping::FaultLoop() {
     }
     poll_out_of_memory = false;
     if (ready == 0) continue;  // spinning, nothing new
+    if (((fds[0].revents | fds[1].revents) & POLLNVAL) != 0) {
+      FaultThreadCannotGoOn("the program closed the userfaultfd or the Mapping's eventfd");
+    }
     if (spin) last_activity = Clock::now();
     if ((fds[1].revents & POLLIN) != 0) {
       uint64_t count = 0;

@@ -697,14 +697,37 @@ TEST(MappingDeathTest, FaultThreadThatCannotPollAbortsWithTheReason) {
         if (::getrlimit(RLIMIT_NOFILE, &limit) != 0) _exit(4);
         limit.rlim_cur = 1;
         if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) _exit(5);
-        // The first fault is served by the poll the thread was in; the thread polls anew
-        // after it, and the second fault waits on that poll.
+        // The first fault ends the poll the thread was in (begun before the limit fell);
+        // its next poll fails, and the second fault would wait for it forever.
         volatile std::byte b = (*m)->data()[0];
         b = (*m)->data()[kChunk];
         (void)b;
         _exit(0);
       },
       ::testing::KilledBySignal(SIGABRT), "fault thread cannot go on \\(poll: .*RLIMIT_NOFILE");
+}
+
+// A program that closes every descriptor above 2 (closefrom, as daemons do) closes the
+// Mapping's userfaultfd too. Its fault thread then got POLLNVAL from every poll and spun
+// forever; now it aborts and says why. (Once the userfaultfd is gone the kernel serves
+// faults on the range as plain memory: the process must not go on.)
+TEST(MappingDeathTest, FaultThreadWhoseDescriptorsAreClosedAbortsWithTheReason) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto region = std::make_shared<MemoryRegion>("closed", 1u << 20);
+  EXPECT_EXIT(
+      {
+        ::alarm(20);                                  // the old spin ends as SIGALRM, not SIGABRT
+        if (!mf::InitLogging("info").ok()) _exit(2);  // to stderr, which the matcher reads
+        MemoryRemote remote(region, false);
+        auto m = Mapping::Create(remote, NoPrefetch(64u << 10));
+        if (!m.ok()) _exit(3);
+        ::closefrom(3);
+        // Wakes the fault thread's poll, which then finds the descriptors gone.
+        volatile std::byte b = (*m)->data()[0];
+        (void)b;
+        for (;;) ::pause();  // the abort, not this thread, ends the process
+      },
+      ::testing::KilledBySignal(SIGABRT), "fault thread cannot go on \\(the program closed the userfaultfd");
 }
 
 // A chunk partly unmapped whose pull fails: its pages still mapped must raise SIGBUS. A
