@@ -404,11 +404,10 @@ void Mapping::FaultLoop() {
 
 void Mapping::HandleMissing(uint64_t address, uint32_t thread) {
   counters_.faults.fetch_add(1, std::memory_order_relaxed);
-  if (fail_loop_running_.load(std::memory_order_acquire) && SignalIfUnfailable(address, thread)) return;
   const auto base = reinterpret_cast<uint64_t>(base_);
   if (address < base || address >= base + size_) {
     // A fault on a range moved away by mremap: it cannot be served.
-    FailPages(static_cast<std::byte*>(PageOf(address)), kPageSize);
+    if (!SignalIfUnfailable(address, thread)) FailPages(static_cast<std::byte*>(PageOf(address)), kPageSize);
     return;
   }
   const uint64_t chunk = (address - base) / chunk_size_;
@@ -444,7 +443,9 @@ void Mapping::HandleMissing(uint64_t address, uint32_t thread) {
       (void)uffd_->Wake(ChunkAddress(chunk), ChunkLength(chunk));
       return;
     }
-    case fabric::ChunkState::kFailed: FailChunk(chunk); return;
+    case fabric::ChunkState::kFailed:
+      if (!SignalIfUnfailable(address, thread)) FailChunk(chunk);
+      return;
   }
 }
 
@@ -847,7 +848,7 @@ bool Mapping::SignalIfUnfailable(uint64_t address, uint32_t thread) {
       return false;
     }
   }
-  // Without the thread's id (no THREAD_ID) FailLoop tries its mmap again.
+  // Without the thread's id (kernels before 4.14) the thread is only woken, to fault again.
   if (thread == 0) return false;
   // The signal ends the thread's wait in the fault. Unlike a SIGBUS the kernel raises for
   // the access, it carries no address (si_code SI_TKILL) and waits while the thread blocks it.

@@ -196,8 +196,9 @@ class Mapping {
   [[noreturn]] void FaultThreadCannotGoOn(const std::string& why);
   // `thread`: the faulting thread's id (UFFD_FEATURE_THREAD_ID), 0 if unknown.
   void HandleMissing(uint64_t address, uint32_t thread) MF_EXCLUDES(mu_);
-  // A fault in a range FailLoop could not map over: sends SIGBUS to `thread` itself and
-  // returns true; the thread's fault ends with the signal.
+  // A fault on a failed chunk (or a page moved away) in a range FailLoop could not map
+  // over: sends SIGBUS to `thread` itself and returns true; the thread's fault ends with
+  // the signal. Only ever true without POISON.
   bool SignalIfUnfailable(uint64_t address, uint32_t thread) MF_EXCLUDES(fail_mu_);
   void HandleWriteProtect(uint64_t address) MF_EXCLUDES(mu_);
   void HandleRemove(uint64_t start, uint64_t end);
